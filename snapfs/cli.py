@@ -1,0 +1,339 @@
+"""The `snapfs` command: mount, status, wait, cancel, umount.
+
+Every refusal is one line on stderr and exit code 1 (2 for command-line
+syntax), checked before anything is created or mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+from snapfs import control
+from snapfs.copymap import state_path
+from snapfs.errors import UserError
+from snapfs.job import SYNC_MODES
+
+MIN_CLUSTER = 4 << 10
+MAX_CLUSTER = 2 << 20
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: how long `umount` waits for the daemon to flush and exit
+UMOUNT_TIMEOUT = 300
+
+
+def parse_size(text: str) -> int:
+    """'65536', '64K', '64k', '64KiB', '1M', ... as a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?B)?\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _cluster_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad cluster size {text!r}") from None
+    if size & (size - 1) or not MIN_CLUSTER <= size <= MAX_CLUSTER:
+        raise argparse.ArgumentTypeError(
+            f"bad cluster size {text!r}: must be a power of two from 4K to 2M")
+    return size
+
+
+def _speed(text: str) -> int:
+    try:
+        speed = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad speed {text!r}: bytes/s, e.g. 50M") from None
+    if speed <= 0:
+        raise argparse.ArgumentTypeError(f"bad speed {text!r}: must be more than 0")
+    return speed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"snapfs: {message} (see snapfs {self.prog.split()[-1]} --help)\n"
+                  if " " in self.prog else f"snapfs: {message} (see snapfs --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="snapfs", description="Point-in-time snapshots of a disk image in use.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    mount = commands.add_parser("mount", help="mount SOURCE as a live disk and its snapshot")
+    mount.add_argument("source", metavar="SOURCE", help="the disk image (raw)")
+    mount.add_argument("live", metavar="LIVE", help="directory where the live disk appears")
+    mount.add_argument("snapshot", metavar="SNAPSHOT",
+                       help="directory where the point-in-time image appears")
+    mount.add_argument("--target", required=True, metavar="TARGET",
+                       help="the backup target file to create (sparse raw)")
+    mount.add_argument("--sync", choices=SYNC_MODES, default="full",
+                       help="what the background copy copies (default: full)")
+    mount.add_argument("--cluster-size", type=_cluster_size, default=64 << 10, metavar="SIZE",
+                       help="copy granularity, a power of two from 4K to 2M (default 64K)")
+    mount.add_argument("--speed", type=_speed, metavar="RATE",
+                       help="limit of the background copy in bytes/s (K/M/G suffixes)")
+    mount.add_argument("--force", action="store_true", help="replace an existing TARGET")
+    mount.add_argument("--foreground", action="store_true",
+                       help="stay attached and log to stderr until unmounted")
+
+    status = commands.add_parser("status", help="show the state of the background copy")
+    status.add_argument("live", metavar="LIVE")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    for name, text in (("wait", "wait until the background copy ends"),
+                       ("cancel", "stop the background copy"),
+                       ("umount", "unmount both mounts and stop the instance")):
+        commands.add_parser(name, help=text).add_argument("live", metavar="LIVE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"snapfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- mount ----------------------------------------------------------------
+
+def check_mount_args(args) -> "MountConfig":
+    """Refuse bad input before anything is created; returns the config."""
+    from snapfs.daemon import MountConfig
+
+    source = os.path.abspath(args.source)
+    try:
+        st = os.stat(source)
+    except OSError as e:
+        raise UserError(f"source {args.source}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"source {args.source}: not a regular file")
+    try:
+        os.close(os.open(source, os.O_RDWR))
+    except OSError as e:
+        raise UserError(f"source {args.source}: cannot open for reading and writing: "
+                        f"{e.strerror}") from None
+    if st.st_size == 0:
+        raise UserError(f"source {args.source}: empty image")
+
+    live, snapshot = (_check_mount_point(p, what) for p, what in
+                      ((args.live, "LIVE"), (args.snapshot, "SNAPSHOT")))
+    if live == snapshot:
+        raise UserError(f"LIVE and SNAPSHOT are the same directory: {args.live}")
+    if _inside(live, snapshot) or _inside(snapshot, live):
+        raise UserError("LIVE and SNAPSHOT must not lie inside each other")
+
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.target))),
+                          os.path.basename(args.target))
+    target_dir = os.path.dirname(target)
+    if not os.path.isdir(target_dir):
+        raise UserError(f"target {args.target}: directory {os.path.dirname(args.target) or '.'} "
+                        "does not exist")
+    if not os.path.basename(args.target):
+        raise UserError(f"target {args.target}: names a directory, not a file")
+    for mount_point in (live, snapshot):
+        if _inside(target, mount_point):
+            raise UserError(f"target {args.target}: inside the mount point {mount_point}")
+    inside = control.snapfs_mount_containing(target_dir)
+    if inside:
+        raise UserError(f"target {args.target}: inside the snapfs mount {inside}")
+    from snapfs.daemon import log_path
+
+    for path in (target, state_path(target), log_path(target)):
+        if os.path.realpath(path) == os.path.realpath(source) or _same_file(path, st):
+            raise UserError(f"target {args.target}: is the source")
+        if os.path.lexists(path):
+            if not args.force:
+                raise UserError(f"target {path}: already exists (use --force to replace it)")
+            if not os.path.isfile(path):
+                raise UserError(f"target {path}: exists and is not a regular file")
+    return MountConfig(source=source, live=live, snapshot=snapshot, target=target,
+                       sync=args.sync, cluster_size=args.cluster_size, speed=args.speed,
+                       force=args.force)
+
+
+def _check_mount_point(path: str, what: str) -> str:
+    real = os.path.realpath(path)
+    if control.mount_type(real) is not None:
+        raise UserError(f"{what} {path}: busy, something is mounted there already")
+    if not os.path.exists(real):
+        raise UserError(f"{what} {path}: no such directory")
+    if not os.path.isdir(real):
+        raise UserError(f"{what} {path}: not a directory")
+    return real
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def cmd_mount(args) -> int:
+    from snapfs import daemon
+
+    cfg = check_mount_args(args)
+    if args.foreground:
+        daemon.setup_logging()
+        return daemon.run("live", cfg, daemon.Readiness(None))
+
+    log_file = daemon.log_path(cfg.target)
+    read_end, write_end = os.pipe()
+    with open(log_file, "w" if args.force else "x") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snapfs.daemon", "live", cfg.to_json(),
+             "--ready-fd", str(write_end)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+            start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        line = pipe.readline()
+    why = daemon.parse_readiness(line) if line else None
+    if line and why is None:
+        _check_serving([os.path.join(cfg.live, cfg.name), os.path.join(cfg.snapshot, cfg.name)])
+        return 0
+    process.wait()
+    if why is None:
+        raise UserError(f"the snapfs daemon exited before its mounts were up; see {log_file}")
+    os.unlink(log_file)
+    raise UserError(why)
+
+
+def _check_serving(paths: list[str], timeout: float = 60) -> None:
+    """Both files answer a stat: the mounts serve requests."""
+    errors: list[str] = []
+
+    def probe():
+        for path in paths:
+            try:
+                os.stat(path)
+            except OSError as e:
+                errors.append(f"{path}: {e.strerror}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise UserError(f"the mounts do not answer: {', '.join(paths)}")
+    if errors:
+        raise UserError(f"the mounts do not work: {errors[0]}")
+
+
+# --- the other commands ---------------------------------------------------
+
+def cmd_status(args) -> int:
+    info = control.status(control.live_mount(args.live))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lines = [f"state:     {info['state']}" + (f" ({info['error']})" if info["error"] else ""),
+             f"sync:      {info['sync']}"]
+    if info["sync"] != "none":
+        total = info["bytes_total"]
+        percent = 100 * info["bytes_done"] / total if total else 100.0
+        lines.append(f"copied:    {human(info['bytes_done'])} of {human(total)} ({percent:.0f}%)")
+    lines += [f"by writes: {info['clusters_copied_by_writes']} clusters of "
+              f"{human(info['cluster_size'])} copied before a write",
+              f"live:      {info['live']}",
+              f"snapshot:  {info['snapshot']}",
+              f"source:    {info['source']}",
+              f"target:    {info['target']}"]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_wait(args) -> int:
+    live = control.live_mount(args.live)
+    info = control.status(live)
+    if info["sync"] == "none":
+        raise UserError("nothing to wait for: sync mode none has no background copy")
+    while info["state"] == "running":
+        time.sleep(0.1)
+        try:
+            info = control.status(live)
+        except UserError:
+            raise UserError(f"{args.live}: unmounted before the background copy ended") from None
+    if info["state"] == "completed":
+        return 0
+    raise UserError(f"the background copy {info['state']}"
+                    + (f": {info['error']}" if info["error"] else ""))
+
+
+def cmd_cancel(args) -> int:
+    live = control.live_mount(args.live)
+    info = control.status(live)
+    if info["sync"] == "none":
+        raise UserError("nothing to cancel: sync mode none has no background copy")
+    if info["state"] != "running":
+        raise UserError(f"nothing to cancel: the background copy has {info['state']}")
+    control.send(live, "cancel")
+    while control.status(live)["state"] == "running":
+        time.sleep(0.05)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    live = control.live_mount(args.live)
+    try:
+        info = control.status(live)
+    except control.DaemonGone:
+        _lazy_unmount(live)
+        raise UserError(f"{args.live}: the daemon had died; unmounted what was left; "
+                        "the target may be incomplete") from None
+    control.send(live, "umount")
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while _running(info["pid"]):
+        if time.monotonic() > deadline:
+            raise UserError(f"the snapfs daemon (pid {info['pid']}) did not stop in time")
+        time.sleep(0.05)
+    left = [p for p in (live, os.path.dirname(info["snapshot"])) if control.mount_type(p)]
+    if left:
+        for path in left:
+            _lazy_unmount(path)
+        raise UserError(f"the daemon exited but left {', '.join(left)} mounted; unmounted now")
+    return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _lazy_unmount(path: str) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", path], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+COMMANDS = {"mount": cmd_mount, "status": cmd_status, "wait": cmd_wait,
+            "cancel": cmd_cancel, "umount": cmd_umount}
+
+if __name__ == "__main__":
+    sys.exit(main())

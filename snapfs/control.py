@@ -1,0 +1,89 @@
+"""How the commands find and talk to a running snapfs instance.
+
+A live mount is recognised by its file system type in the mount table
+(`fuse.snapfs-live`). The daemon answers through extended attributes of the
+live mount's root directory: reading `user.snapfs.status` returns the status
+as JSON; writing `cancel` or `umount` to `user.snapfs.command` asks for that.
+No socket, no pid file: the mount point is the address.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from snapfs.errors import UserError
+
+STATUS_XATTR = "user.snapfs.status"
+COMMAND_XATTR = "user.snapfs.command"
+COMMANDS = ("cancel", "umount")
+
+LIVE_FSTYPE = "fuse.snapfs-live"
+SNAPSHOT_FSTYPE = "fuse.snapfs-snapshot"
+
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes (\\040 for a space) of /proc/self/mountinfo."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount, oldest first."""
+    table = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            table.append((_unescape(fields[4]), fields[sep + 1]))
+    return table
+
+
+def mount_type(path: str) -> str | None:
+    """The type of the file system mounted on `path`, if `path` is a mount point."""
+    path = os.path.realpath(path)
+    found = None
+    for mountpoint, fstype in mount_table():
+        if mountpoint == path:
+            found = fstype  # the last one is on top
+    return found
+
+
+def snapfs_mount_containing(path: str) -> str | None:
+    """The snapfs mount point that `path` lies in, if any."""
+    path = os.path.realpath(path)
+    for mountpoint, fstype in mount_table():
+        if fstype in (LIVE_FSTYPE, SNAPSHOT_FSTYPE):
+            if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
+                return mountpoint
+    return None
+
+
+def live_mount(path: str) -> str:
+    """The real path of the snapfs live mount `path`, or a UserError."""
+    if mount_type(path) != LIVE_FSTYPE:
+        raise UserError(f"{path}: not a snapfs live mount")
+    return os.path.realpath(path)
+
+
+class DaemonGone(UserError):
+    """The mount is there but no daemon serves it any more."""
+
+
+def _call(live: str, fn, *args):
+    try:
+        return fn(live, *args)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise DaemonGone(f"{live}: the snapfs daemon of this mount is not running") from None
+        raise UserError(f"{live}: {e.strerror}") from None
+
+
+def status(live: str) -> dict:
+    return json.loads(_call(live, os.getxattr, STATUS_XATTR))
+
+
+def send(live: str, command: str) -> None:
+    _call(live, os.setxattr, COMMAND_XATTR, command.encode())

@@ -1,0 +1,407 @@
+"""The processes of one snapfs instance and how they are wired together.
+
+pyfuse3 serves one FUSE session per process, so an instance is two processes:
+
+- the live process (the daemon proper): owns the source (locked), the target
+  and the copy map; serves the live mount; runs copy-before-write and the
+  background job; answers the control commands; starts and stops
+- the snapshot process, its child: serves the snapshot mount read-only from
+  the source, the target and the copy map, which it maps read-only.
+
+Each process tells whoever started it that its mount is up by writing
+"ready" (or "error: <why>") as one line to a pipe. The snapshot mount comes up
+first, then the live one: from the moment the live disk accepts writes, the
+snapshot serves reads. If either mount goes away (umount command, a signal,
+`fusermount3 -u` of either mount point), the live process stops the job,
+stops the snapshot process, unmounts the live mount and flushes everything.
+
+Run as `python -m snapfs.daemon live|snapshot CONFIG_JSON [--ready-fd N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import pyfuse3
+import trio
+
+from snapfs.cbw import CopyBeforeWrite
+from snapfs.copymap import CopyMap, state_path
+from snapfs.errors import UserError
+from snapfs.fuse_live import LiveOperations
+from snapfs.fuse_snapshot import SnapshotOperations
+from snapfs.image import create_image, open_image
+from snapfs.job import BackupJob
+from snapfs.snapshot import SnapshotReader
+
+log = logging.getLogger("snapfs")
+
+_COMMON_OPTIONS = {"default_permissions", "allow_other", "fsname=snapfs"}
+LIVE_OPTIONS = _COMMON_OPTIONS | {"subtype=snapfs-live"}
+SNAPSHOT_OPTIONS = _COMMON_OPTIONS | {"subtype=snapfs-snapshot", "ro"}
+#: how long a process may take to report that its mount is up
+START_TIMEOUT = 60
+
+
+@dataclass
+class MountConfig:
+    """What `snapfs mount` was asked for, already checked (paths are absolute)."""
+
+    source: str
+    live: str
+    snapshot: str
+    target: str
+    sync: str = "full"
+    cluster_size: int = 64 * 1024
+    speed: int | None = None
+    force: bool = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.source)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "MountConfig":
+        return cls(**json.loads(text))
+
+
+def log_path(target: str) -> str:
+    """Where a background instance logs."""
+    return target + ".snapfs.log"
+
+
+class Readiness:
+    """The pipe on which a process tells its starter that its mount is up."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    def _say(self, line: str) -> None:
+        if self._fd is not None:
+            os.write(self._fd, line.encode() + b"\n")
+            os.close(self._fd)
+            self._fd = None
+
+    def ready(self) -> None:
+        self._say("ready")
+
+    def failed(self, message: str) -> None:
+        if self._fd is None:
+            log.error("%s", message)
+        self._say("error: " + " ".join(message.split()))
+
+    @property
+    def pending(self) -> bool:
+        return self._fd is not None
+
+
+def parse_readiness(line: str) -> str | None:
+    """None if `line` says ready, else the reason the start failed."""
+    line = line.strip()
+    if line == "ready":
+        return None
+    return line.removeprefix("error: ") or "exited before its mount was up"
+
+
+def _lock_source(path: str) -> int:
+    """Lock the source against a second snapfs instance (flock; QEMU's
+    byte-range locks are separate)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{path}: in use by another snapfs instance") from None
+    return fd
+
+
+class LiveDaemon:
+    def __init__(self, cfg: MountConfig, readiness: Readiness):
+        self.cfg = cfg
+        self.readiness = readiness
+        self.stop_requested = trio.Event()
+        self.engine: CopyBeforeWrite | None = None
+        self.job: BackupJob | None = None
+        self.child: trio.Process | None = None
+        self.started_at = time.time()
+
+    # --- what the live mount's control interface calls ------------------
+
+    def status(self) -> dict:
+        cfg, job, engine = self.cfg, self.job, self.engine
+        return {
+            "state": job.state,
+            "sync": cfg.sync,
+            "bytes_total": job.bytes_total,
+            "bytes_done": job.bytes_done,
+            "clusters_copied_by_writes": engine.clusters_copied_by_writes,
+            "error": job.error,
+            "cluster_size": cfg.cluster_size,
+            "speed": cfg.speed,
+            "size": engine.size,
+            "source": cfg.source,
+            "target": cfg.target,
+            "live": os.path.join(cfg.live, cfg.name),
+            "snapshot": os.path.join(cfg.snapshot, cfg.name),
+            "pid": os.getpid(),
+            "started": self.started_at,
+        }
+
+    def command(self, command: str) -> None:
+        if command == "cancel":
+            self.job.cancel()
+        elif command == "umount":
+            self.request_stop("umount requested")
+
+    def request_stop(self, why: str) -> None:
+        if not self.stop_requested.is_set():
+            log.info("stopping: %s", why)
+            self.stop_requested.set()
+
+    # --- the process ----------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        lock_fd = _lock_source(cfg.source)
+        source = open_image(cfg.source, writable=True)
+        created: list[str] = []
+        target = copymap = None
+        try:
+            target = create_image(cfg.target, source.size, overwrite=cfg.force)
+            created.append(cfg.target)
+            copymap = CopyMap.create(state_path(cfg.target), source.size, cfg.cluster_size,
+                                     {"source": cfg.source, "target": cfg.target,
+                                      "sync": cfg.sync, "state": "running"},
+                                     overwrite=cfg.force)
+            created.append(copymap.path)
+            self.engine = CopyBeforeWrite(source, target, copymap)
+            self.job = BackupJob(self.engine, cfg.sync, cfg.speed)
+            await self._serve()
+        except BaseException:
+            if self.readiness.pending:  # never came up: leave nothing behind
+                for path in created:
+                    os.unlink(path)
+            raise
+        finally:
+            if self.job is not None and not self.readiness.pending:
+                self._finish()
+            for thing in (copymap, target, source):
+                if thing is not None:
+                    thing.close()
+            os.close(lock_fd)
+
+    async def _serve(self) -> None:
+        cfg = self.cfg
+        ops = LiveOperations(cfg.name, self.engine, self.status, self.command)
+        async with trio.open_nursery() as nursery:
+            self.child = await nursery.start(self._run_snapshot_process)
+            try:
+                pyfuse3.init(ops, cfg.live, LIVE_OPTIONS)
+            except RuntimeError:
+                raise UserError(f"{cfg.live}: cannot mount the live disk there") from None
+            try:
+                nursery.start_soon(self.job.run)
+                nursery.start_soon(self._stop_on_signal)
+                nursery.start_soon(self._terminate_when_stop_requested)
+                self.readiness.ready()
+                log.info("serving %s (live) and %s (snapshot), sync %s",
+                         os.path.join(cfg.live, cfg.name),
+                         os.path.join(cfg.snapshot, cfg.name), cfg.sync)
+                await pyfuse3.main()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop_background()
+                pyfuse3.close(unmount=True)
+            nursery.cancel_scope.cancel()
+
+    async def _run_snapshot_process(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        command = [sys.executable, "-m", "snapfs.daemon", "snapshot", self.cfg.to_json(),
+                   "--ready-fd", "1", "--parent", str(os.getpid())]
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+        try:
+            with trio.move_on_after(START_TIMEOUT):
+                line = await _read_line(process.stdout)
+            await process.stdout.aclose()
+            why = parse_readiness(line) if line else "timed out or exited"
+            if why is not None:
+                raise UserError(f"{self.cfg.snapshot}: snapshot mount failed: {why}")
+            task_status.started(process)
+            await process.wait()
+            self.request_stop("the snapshot mount went away")
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop_process(process)
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                self.request_stop(f"signal {signal.Signals(signum).name}")
+
+    async def _terminate_when_stop_requested(self) -> None:
+        await self.stop_requested.wait()
+        pyfuse3.terminate()
+
+    async def _stop_background(self) -> None:
+        """After the live mount stopped serving: end the job between two
+        copies, then the snapshot process."""
+        self.stop_requested.set()
+        self.job.stop()
+        await self.job.finished.wait()
+        if self.child is not None:
+            await _stop_process(self.child)
+
+    def _finish(self) -> None:
+        """Make the target and the source durable and record the job's end."""
+        job = self.job
+        try:
+            self.engine.flush()
+        finally:
+            self.engine.copymap.write_info(state=job.state, error=job.error,
+                                           bytes_done=job.bytes_done,
+                                           bytes_total=job.bytes_total)
+            self.engine.copymap.flush()
+        log.info("stopped: background copy %s, %d clusters copied by writes",
+                 job.state, self.engine.clusters_copied_by_writes)
+
+
+async def _read_line(stream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+async def _stop_process(process: trio.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        with trio.move_on_after(30):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+# --- the snapshot process -------------------------------------------------
+
+def _die_with_parent(parent: int) -> None:
+    """Get SIGTERM when the live process dies, however it dies."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before we asked
+        raise UserError("the live process is gone")
+
+
+async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
+    source = open_image(cfg.source, writable=False)
+    target = open_image(cfg.target, writable=False)
+    copymap = CopyMap.open(state_path(cfg.target))
+    try:
+        reader = SnapshotReader(source, target, copymap)
+        ops = SnapshotOperations(cfg.name, reader, os.stat(cfg.source))
+        try:
+            pyfuse3.init(ops, cfg.snapshot, SNAPSHOT_OPTIONS)
+        except RuntimeError:
+            raise UserError(f"cannot mount the snapshot on {cfg.snapshot}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signal)
+                readiness.ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        for thing in (copymap, target, source):
+            thing.close()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+# --- entry points ---------------------------------------------------------
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s snapfs[{os.getpid()}] %(levelname)s: %(message)s")
+
+
+def run(role: str, cfg: MountConfig, readiness: Readiness) -> int:
+    """Run one process of an instance until its mount goes away. Returns the
+    exit code: 0 after a clean stop."""
+    try:
+        if role == "live":
+            trio.run(LiveDaemon(cfg, readiness).run)
+        else:
+            trio.run(serve_snapshot, cfg, readiness)
+    except BaseException as e:  # noqa: BLE001 - report anything, then fail
+        user_error = _find_user_error(e)
+        if user_error is not None:
+            readiness.failed(str(user_error))
+        else:
+            log.exception("%s process failed", role)
+            readiness.failed(f"internal error: {e!r}")
+        return 1
+    return 0
+
+
+def _find_user_error(error: BaseException) -> UserError | None:
+    """The UserError in `error`, which trio's nurseries may have wrapped in
+    exception groups."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find_user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snapfs.daemon")
+    parser.add_argument("role", choices=("live", "snapshot"))
+    parser.add_argument("config")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--parent", type=int)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = MountConfig.from_json(args.config)
+    ready_fd = args.ready_fd
+    if ready_fd == 1:  # keep stdout for the pipe only; nothing else may write there
+        ready_fd = os.dup(1)
+        os.set_inheritable(ready_fd, False)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    readiness = Readiness(ready_fd)
+    if args.role == "snapshot":
+        try:
+            _die_with_parent(args.parent)
+        except UserError as e:
+            readiness.failed(str(e))
+            return 1
+    return run(args.role, cfg, readiness)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

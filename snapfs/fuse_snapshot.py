@@ -1,0 +1,40 @@
+"""The snapshot mount: the point-in-time image as a read-only file.
+
+The mount itself is read-only (the kernel refuses writes, chmod and unlink
+with EROFS before they reach us); the handlers refuse them too. Since the
+contents never change, the kernel may keep its page cache across opens.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pyfuse3
+
+from snapfs.fuse_base import SingleFileOperations, fuse_errors
+from snapfs.snapshot import SnapshotReader
+
+
+class SnapshotOperations(SingleFileOperations):
+    def __init__(self, name: str, reader: SnapshotReader, source_stat: os.stat_result):
+        super().__init__(name, reader.size, 0o444, source_stat)
+        self.reader = reader
+
+    def check_open(self, inode, flags):
+        super().check_open(inode, flags)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return self.reader.read(off, size)
+
+    async def write(self, fh, off, buf):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def fsync(self, fh, datasync):
+        pass

@@ -1,0 +1,134 @@
+"""The background job that fills the target according to the sync mode.
+
+- full: every cluster of the image;
+- top: the clusters that hold data in the source's topmost layer (for a raw
+  file, its allocated extents), as they were when the job started;
+- none: nothing (the job only reports; copy-before-write does all the work).
+
+The job walks the clusters in order, claims a run of clusters that are neither
+copied nor claimed, copies it in a worker thread, and releases it. It stops
+between two runs when asked (cancel or shutdown), never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+
+import trio
+
+from snapfs.cbw import CopyBeforeWrite
+
+log = logging.getLogger(__name__)
+
+SYNC_MODES = ("full", "top", "none")
+#: bytes one claim copies at most (the last one may be shorter)
+CHUNK_BYTES = 4 << 20
+
+
+class BackupJob:
+    def __init__(self, engine: CopyBeforeWrite, sync: str, speed: int | None = None,
+                 chunk_bytes: int = CHUNK_BYTES):
+        if sync not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {sync!r}")
+        self.engine = engine
+        self.sync = sync
+        self.speed = speed
+        self.state = "running"
+        self.error: str | None = None
+        self.bytes_done = 0
+        self._max_clusters = max(1, chunk_bytes // engine.cluster_size)
+        self._runs = self._cluster_runs()
+        self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
+                               for i in range(0, len(self._runs), 2))
+        self._stop = trio.Event()
+        self.finished = trio.Event()
+
+    def _cluster_runs(self) -> array.array:
+        """The clusters to copy, as a flat array [first0, end0, first1, end1, ...]."""
+        engine = self.engine
+        runs = array.array("Q")
+        if self.sync == "full":
+            runs.extend((0, engine.clusters))
+        elif self.sync == "top":
+            cs = engine.cluster_size
+            for start, end in engine.source.data_extents(0, engine.size):
+                first, stop = start // cs, -(-end // cs)
+                if runs and runs[-1] >= first:  # touches the previous run
+                    runs[-1] = max(runs[-1], stop)
+                else:
+                    runs.extend((first, stop))
+        return runs
+
+    def _run_bytes(self, first: int, end: int) -> int:
+        cs = self.engine.cluster_size
+        return min(end * cs, self.engine.size) - first * cs
+
+    def cancel(self) -> bool:
+        """Stop the copy at the next run boundary, for good. False if it is not
+        running."""
+        if self.state != "running" or self.sync == "none":
+            return False
+        self._stop.set()
+        return True
+
+    def stop(self) -> None:
+        """Stop the copy because snapfs is shutting down."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Copy until done or stopped. With sync none, just wait to be stopped:
+        the target then holds every cluster that writes replaced."""
+        try:
+            if self.sync == "none":
+                await self._stop.wait()
+                finished = True
+            else:
+                finished = await self._copy_all()
+        except Exception as e:  # an I/O error ends the job, not the daemon
+            log.exception("background copy failed")
+            self.state = "failed"
+            self.error = f"background copy failed: {e}"
+        else:
+            self.state = "completed" if finished else "cancelled"
+            log.info("background copy %s: %d of %d bytes", self.state,
+                     self.bytes_done, self.bytes_total)
+        finally:
+            self.finished.set()
+
+    async def _copy_all(self) -> bool:
+        """Copy every run; False if stopped before the end."""
+        engine = self.engine
+        runs = self._runs
+        started = trio.current_time()
+        copied = 0  # bytes this job copied itself, for the speed limit
+        for i in range(0, len(runs), 2):
+            pos, end = runs[i], runs[i + 1]
+            while pos < end:
+                if self._stop.is_set():
+                    return False
+                found = engine.next_claimable(pos, end, self._max_clusters)
+                if found is None:  # the rest of the run is copied already
+                    self.bytes_done += self._run_bytes(pos, end)
+                    break
+                first, stop = found
+                self.bytes_done += self._run_bytes(pos, first)  # already copied
+                claim = engine.claim(first, stop)
+                ok = False
+                try:
+                    await trio.to_thread.run_sync(engine.copy, first, stop)
+                    ok = True
+                finally:
+                    engine.release(claim, copied=ok)
+                done = self._run_bytes(first, stop)
+                self.bytes_done += done
+                copied += done
+                pos = stop
+                if self.speed:
+                    await self._throttle(started + copied / self.speed)
+        return True
+
+    async def _throttle(self, until: float) -> None:
+        with trio.move_on_at(until):
+            await self._stop.wait()
+
