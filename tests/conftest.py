@@ -1,0 +1,177 @@
+"""Shared test helpers: run the real `snapfs` command, and make sure every
+mount a test makes is gone afterwards, whether the test passed or not."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from snapfs import control
+
+SNAPFS = [sys.executable, "-m", "snapfs"]
+
+
+def run_snapfs(*args, check=True, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAPFS, *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snapfs {' '.join(map(str, args))} failed ({result.returncode}): "
+                             f"{result.stderr}")
+    return result
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def write_image(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def is_mounted(path) -> bool:
+    return control.mount_type(str(path)) is not None
+
+
+def force_unmount(path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+
+
+def wait_until(predicate, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _kill(pid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(50):
+            if not alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class Instance:
+    """One `snapfs mount` made by a test."""
+
+    source: Path
+    live_dir: Path
+    snapshot_dir: Path
+    target: Path
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def live(self) -> Path:
+        return self.live_dir / self.source.name
+
+    @property
+    def snapshot(self) -> Path:
+        return self.snapshot_dir / self.source.name
+
+    def status(self) -> dict:
+        return json.loads(run_snapfs("status", self.live_dir, "--json").stdout)
+
+    def wait(self, **kwargs):
+        return run_snapfs("wait", self.live_dir, **kwargs)
+
+    def umount(self):
+        run_snapfs("umount", self.live_dir)
+        assert not is_mounted(self.live_dir) and not is_mounted(self.snapshot_dir)
+        for pid in self.pids:
+            assert not alive(pid), f"process {pid} still running after umount"
+
+    def cleanup(self) -> None:
+        """Whatever state the test left: nothing mounted, nothing running."""
+        if is_mounted(self.live_dir):
+            subprocess.run([*SNAPFS, "umount", str(self.live_dir)], capture_output=True,
+                           timeout=120)
+        for path in (self.live_dir, self.snapshot_dir):
+            if is_mounted(path):
+                force_unmount(path)
+        for pid in self.pids:
+            _kill(pid)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(source, sync=..., cluster_size=..., speed=..., extra=[...]) runs
+    `snapfs mount` and returns an Instance; all are cleaned up at the end."""
+    made: list[Instance] = []
+
+    def do_mount(source: Path, sync="full", cluster_size=None, speed=None, extra=(),
+                 target=None, name="m") -> Instance:
+        base = tmp_path / name
+        base.mkdir()
+        inst = Instance(source, base / "live", base / "snap", target or base / "target.img")
+        inst.live_dir.mkdir()
+        inst.snapshot_dir.mkdir()
+        made.append(inst)
+        args = ["mount", source, inst.live_dir, inst.snapshot_dir, "--target", inst.target,
+                "--sync", sync, *extra]
+        if cluster_size:
+            args += ["--cluster-size", cluster_size]
+        if speed:
+            args += ["--speed", speed]
+        run_snapfs(*args)
+        info = inst.status()
+        inst.pids = [info["pid"], *_children(info["pid"])]
+        return inst
+
+    yield do_mount
+    for inst in made:
+        inst.cleanup()
+    for inst in made:
+        assert not is_mounted(inst.live_dir), "a mount was left behind"
+        assert not is_mounted(inst.snapshot_dir), "a mount was left behind"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_mounts(tmp_path):
+    """Fail a test that leaves a FUSE mount under its directory, and clean up."""
+    yield
+    left = [mp for mp, fstype in control.mount_table()
+            if fstype.startswith("fuse") and mp.startswith(str(tmp_path))]
+    for mp in reversed(left):
+        force_unmount(mp)
+    assert not left, f"mounts left behind: {left}"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (scripts/test installs it)")
+    return path

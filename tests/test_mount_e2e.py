@@ -1,0 +1,288 @@
+"""End to end: the real `snapfs` command, real FUSE mounts, dd and cmp as a
+user would run them. The oracle is a plain copy of the image taken before
+mounting plus a bytes model of the writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import SNAPFS, alive, is_mounted, random_bytes, run_snapfs, wait_until, write_image
+
+MiB = 1 << 20
+CLUSTER = 64 << 10
+
+
+def dd(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["dd", "status=none", *map(str, args)], capture_output=True, text=True)
+
+
+def cmp(a, b) -> bool:
+    return subprocess.run(["cmp", str(a), str(b)], capture_output=True).returncode == 0
+
+
+def write_through(path, offset: int, data: bytes, model: bytearray) -> None:
+    """Write with dd at a byte offset, and apply the same to the model."""
+    src = path.parent.parent / f"chunk-{offset}"
+    src.write_bytes(data)
+    result = dd(f"if={src}", f"of={path}", "bs=1", "count=0")  # open only: must not truncate
+    assert result.returncode == 0, result.stderr
+    result = dd(f"if={src}", f"of={path}", f"bs={len(data)}", f"seek={offset}",
+                "oflag=seek_bytes", "conv=notrunc,fsync")
+    assert result.returncode == 0, result.stderr
+    model[offset:offset + len(data)] = data
+
+
+WRITES = [  # (offset, length): unaligned, across clusters, at both ends of the disk
+    (0, 512),
+    (CLUSTER - 100, 300),
+    (3 * MiB + 17, 200_000),
+    (5 * MiB, MiB),
+    (8 * MiB - 4096, 4096),
+]
+WRITTEN = [(offset, offset + length) for offset, length in WRITES]
+
+
+def data_extents(path) -> list[tuple[int, int]]:
+    from snapfs.raw import RawImage
+
+    image = RawImage.open(str(path))
+    try:
+        return list(image.data_extents(0, image.size))
+    finally:
+        image.close()
+
+
+def clusters_of(extents, cluster=CLUSTER) -> set[int]:
+    return {c for start, end in extents for c in range(start // cluster, -(-end // cluster))}
+
+
+@pytest.mark.parametrize("sync", ["full", "top", "none"])
+def test_snapshot_keeps_old_data_live_gets_new(tmp_path, mount, sync):
+    original = random_bytes(8 * MiB, seed=1)
+    source = write_image(tmp_path / "disk.img", original)
+    if sync == "top":  # leave holes: only the first 2 MiB and 6-7 MiB hold data
+        with open(source, "r+b") as f:
+            for start, end in ((2 * MiB, 6 * MiB), (7 * MiB, 8 * MiB)):
+                f.seek(start)
+                f.write(bytes(end - start))
+        subprocess.run(["fallocate", "--dig-holes", str(source)], check=True)
+        original = source.read_bytes()
+    copy = tmp_path / "before-mount.img"
+    copy.write_bytes(original)
+    model = bytearray(original)
+    allocated = clusters_of(data_extents(source))
+
+    inst = mount(source, sync=sync)
+    assert inst.live.stat().st_size == len(original)
+    assert inst.snapshot.stat().st_size == len(original)
+    for offset, length in WRITES:
+        write_through(inst.live, offset, random_bytes(length, seed=offset), model)
+        assert cmp(inst.snapshot, copy), "snapshot changed after a write"
+    assert inst.live.read_bytes() == bytes(model)
+    assert cmp(inst.snapshot, copy)
+
+    info = inst.status()
+    assert info["sync"] == sync
+    assert info["clusters_copied_by_writes"] <= len(clusters_of(WRITTEN))
+    assert info["error"] is None
+    if sync == "none":
+        result = inst.wait(check=False)
+        assert result.returncode != 0 and "nothing to wait for" in result.stderr
+        assert info["clusters_copied_by_writes"] == len(clusters_of(WRITTEN))
+    else:
+        inst.wait()
+        info = inst.status()
+        assert info["state"] == "completed"
+        assert info["bytes_done"] == info["bytes_total"]
+    inst.umount()
+
+    assert source.read_bytes() == bytes(model), "SOURCE must hold every write"
+    if sync == "full":
+        assert cmp(inst.target, copy), "FULL: the target alone is the point-in-time image"
+        assert info["bytes_total"] == len(original)
+    elif sync == "top":
+        assert len(allocated) == 3 * MiB // CLUSTER
+        assert info["bytes_total"] == len(allocated) * CLUSTER
+        target = inst.target.read_bytes()
+        for c in allocated:
+            assert target[c * CLUSTER:(c + 1) * CLUSTER] == original[c * CLUSTER:(c + 1) * CLUSTER]
+        stored = clusters_of(data_extents(inst.target))
+        assert stored <= allocated | clusters_of(WRITTEN), "TOP copied a hole"
+        assert stored, "TOP copied nothing"
+    else:
+        target = inst.target.read_bytes()
+        stored = clusters_of(data_extents(inst.target))
+        assert stored <= clusters_of(WRITTEN), "NONE stored clusters nobody wrote"
+        for c in clusters_of(WRITTEN):
+            assert target[c * CLUSTER:(c + 1) * CLUSTER] == original[c * CLUSTER:(c + 1) * CLUSTER]
+
+
+def test_zero_clusters_stay_holes_in_target(tmp_path, mount):
+    data = bytearray(random_bytes(4 * MiB, seed=2))
+    data[MiB:3 * MiB] = bytes(2 * MiB)  # written zeroes, allocated in the source
+    source = write_image(tmp_path / "disk.img", bytes(data))
+    inst = mount(source, sync="full")
+    inst.wait()
+    inst.umount()
+    assert inst.target.read_bytes() == bytes(data)
+    stored = clusters_of(data_extents(inst.target))
+    assert stored and not stored & set(range(MiB // CLUSTER, 3 * MiB // CLUSTER))
+
+
+def test_live_file_behaves_like_a_file(tmp_path, mount):
+    original = random_bytes(4 * MiB, seed=3)
+    source = write_image(tmp_path / "disk.img", original)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(original)
+    inst = mount(source, sync="none", cluster_size="4K")
+    model = bytearray(original)
+
+    # read-after-write, unaligned, across clusters, fsync and fdatasync
+    fd = os.open(inst.live, os.O_RDWR)
+    try:
+        for offset, length in ((1, 1), (4095, 2), (10_000, 70_000), (4 * MiB - 3, 3)):
+            data = random_bytes(length, seed=offset)
+            assert os.pwrite(fd, data, offset) == length
+            model[offset:offset + length] = data
+            assert os.pread(fd, length, offset) == data
+        os.fsync(fd)
+        os.fdatasync(fd)
+        # writes past the end: short up to the end, ENOSPC beyond it
+        assert os.pwrite(fd, b"abcdef", 4 * MiB - 2) == 2
+        model[4 * MiB - 2:] = b"ab"
+        with pytest.raises(OSError) as err:
+            os.pwrite(fd, b"x", 4 * MiB)
+        assert err.value.errno == 28  # ENOSPC
+    finally:
+        os.close(fd)
+    assert inst.live.read_bytes() == bytes(model)
+
+    # dd without conv=notrunc opens with O_TRUNC: size and data stay
+    block = random_bytes(8192, seed=99)
+    (tmp_path / "block").write_bytes(block)
+    result = dd(f"if={tmp_path / 'block'}", f"of={inst.live}", "bs=8192")
+    assert result.returncode == 0, result.stderr
+    model[:8192] = block
+    assert inst.live.stat().st_size == len(original)
+    assert inst.live.read_bytes() == bytes(model)
+
+    # size changes are refused and change nothing
+    for size in (0, 100, 8 * MiB):
+        result = subprocess.run(["truncate", "-s", str(size), str(inst.live)],
+                                capture_output=True, text=True)
+        assert result.returncode != 0
+        assert "Operation not permitted" in result.stderr
+    os.truncate(inst.live, len(original))  # the same size is fine
+    # fallocate cannot pass through: fails cleanly, nothing changes
+    for args in (["-l", str(8 * MiB)], ["--punch-hole", "-o", "0", "-l", str(MiB)],
+                 ["--zero-range", "-o", "0", "-l", str(MiB)]):
+        result = subprocess.run(["fallocate", *args, str(inst.live)], capture_output=True)
+        assert result.returncode != 0
+    assert inst.live.stat().st_size == len(original)
+    assert inst.live.read_bytes() == bytes(model)
+    assert inst.snapshot.read_bytes() == original
+    inst.umount()
+    assert source.read_bytes() == bytes(model)
+
+
+def test_snapshot_is_read_only(tmp_path, mount):
+    original = random_bytes(MiB, seed=4)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="none")
+    snap = inst.snapshot
+    with pytest.raises(OSError) as err:
+        os.open(snap, os.O_WRONLY)
+    assert err.value.errno == 30  # EROFS
+    refusals = [["dd", "if=/dev/zero", f"of={snap}", "bs=4k", "count=1", "conv=notrunc"],
+                ["truncate", "-s", "0", str(snap)],
+                ["chmod", "666", str(snap)],
+                ["rm", "-f", str(snap)],
+                ["touch", str(snap)],
+                ["mv", str(snap), str(snap) + ".x"]]
+    for command in refusals:
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode != 0, command
+        assert "Read-only file system" in result.stderr or "Permission" in result.stderr, result.stderr
+    assert snap.read_bytes() == original
+    assert snap.stat().st_mode & 0o777 == 0o444
+    assert os.listdir(inst.snapshot_dir) == ["disk.img"]
+    inst.umount()
+    assert source.read_bytes() == original
+
+
+def test_cancel_keeps_snapshot_valid(tmp_path, mount):
+    original = random_bytes(32 * MiB, seed=5)
+    source = write_image(tmp_path / "disk.img", original)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(original)
+    inst = mount(source, sync="full", speed="2M")
+    assert inst.status()["state"] == "running"
+    run_snapfs("cancel", inst.live_dir)
+    info = inst.status()
+    assert info["state"] == "cancelled"
+    assert info["bytes_done"] < info["bytes_total"]
+    result = inst.wait(check=False)
+    assert result.returncode != 0 and "cancelled" in result.stderr
+    again = run_snapfs("cancel", inst.live_dir, check=False)
+    assert again.returncode != 0 and "nothing to cancel" in again.stderr
+    # copy-before-write goes on after a cancel
+    model = bytearray(original)
+    write_through(inst.live, 20 * MiB + 5, random_bytes(3 * MiB, seed=6), model)
+    assert cmp(inst.snapshot, copy)
+    assert inst.status()["clusters_copied_by_writes"] > 0
+    inst.umount()
+    assert source.read_bytes() == bytes(model)
+
+
+def test_speed_limits_the_background_copy(tmp_path, mount):
+    source = write_image(tmp_path / "disk.img", random_bytes(16 * MiB, seed=7))
+    inst = mount(source, sync="full", speed="4M")
+    info = inst.status()
+    assert info["speed"] == 4 * MiB
+    assert info["state"] == "running" and info["bytes_done"] < info["bytes_total"]
+    inst.umount()
+
+
+@pytest.mark.parametrize("which", ["live", "snapshot"])
+def test_fusermount_of_either_mount_stops_both(tmp_path, mount, which):
+    original = random_bytes(4 * MiB, seed=8)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="full", speed="1M")
+    with open(inst.live, "r+b") as f:
+        f.write(b"new data")
+    path = inst.live_dir if which == "live" else inst.snapshot_dir
+    subprocess.run(["fusermount3", "-u", str(path)], check=True)
+    assert wait_until(lambda: not is_mounted(inst.live_dir) and not is_mounted(inst.snapshot_dir))
+    assert wait_until(lambda: not any(alive(pid) for pid in inst.pids)), "processes still running"
+    assert source.read_bytes()[:8] == b"new data"
+    target = inst.target.read_bytes()
+    assert target[:CLUSTER] == original[:CLUSTER], "TARGET flushed with the old data"
+
+
+def test_foreground_mount(tmp_path):
+    source = write_image(tmp_path / "disk.img", random_bytes(MiB, seed=9))
+    live, snap = tmp_path / "live", tmp_path / "snap"
+    live.mkdir()
+    snap.mkdir()
+    process = subprocess.Popen(
+        [*SNAPFS, "mount", str(source), str(live), str(snap),
+         "--target", str(tmp_path / "t.img"), "--foreground"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        while "serving" not in line:
+            assert line, "foreground mount exited before serving"
+            line = process.stderr.readline()
+        assert (live / "disk.img").read_bytes() == source.read_bytes()
+        run_snapfs("umount", live)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for path in (live, snap):
+            if is_mounted(path):
+                subprocess.run(["fusermount3", "-u", "-z", str(path)])
