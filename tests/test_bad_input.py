@@ -162,6 +162,8 @@ def test_busy_mount_point_and_target_in_other_mount_and_source_in_use(setup, mou
     refuse(root, *mount_args(root, source=other, target=inst.live_dir / "t.img"),
            expect="inside the snapfs mount")
     refuse(root, *mount_args(root), expect="in use by another snapfs instance")
+    refuse(root, *mount_args(root, source=inst.snapshot),  # on a read-only file system
+           expect="cannot open for reading and writing: Read-only file system")
     inst.umount()
 
 

@@ -286,3 +286,92 @@ def test_foreground_mount(tmp_path):
         for path in (live, snap):
             if is_mounted(path):
                 subprocess.run(["fusermount3", "-u", "-z", str(path)])
+
+
+def test_loop_mounted_file_system(tmp_path, mount):
+    """The everyday use: a file system image changed through the live disk
+    while the snapshot, loop-mounted read-only, still shows the old files."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "hello.txt").write_text("before\n")
+    source = tmp_path / "fs.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(source), "32M"], check=True)
+    inst = mount(source, sync="full", speed="8M")
+    point = tmp_path / "point"
+    point.mkdir()
+    mounted = False
+    try:
+        subprocess.run(["mount", "-o", "loop", str(inst.live), str(point)], check=True)
+        mounted = True
+        (point / "hello.txt").write_text("after\n")
+        (point / "new.txt").write_text("new\n")
+        subprocess.run(["umount", str(point)], check=True)
+        mounted = False
+        subprocess.run(["mount", "-o", "loop,ro", str(inst.snapshot), str(point)], check=True)
+        mounted = True
+        assert (point / "hello.txt").read_text() == "before\n"
+        assert not (point / "new.txt").exists()
+        subprocess.run(["umount", str(point)], check=True)
+        mounted = False
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(point)])
+    assert inst.status()["clusters_copied_by_writes"] > 0
+    inst.wait()
+    inst.umount()
+    subprocess.run(["mount", "-o", "loop,ro", str(inst.target), str(point)], check=True)
+    try:
+        assert (point / "hello.txt").read_text() == "before\n"
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+    subprocess.run(["mount", "-o", "loop,ro", str(source), str(point)], check=True)
+    try:
+        assert (point / "hello.txt").read_text() == "after\n"
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_qemu_img_reads_the_snapshot(tmp_path, mount):
+    need_qemu = subprocess.run(["qemu-img", "--version"], capture_output=True)
+    assert need_qemu.returncode == 0, "qemu-img missing (scripts/test installs qemu-utils)"
+    original = random_bytes(4 * MiB, seed=10)
+    source = write_image(tmp_path / "disk.img", original)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(original)
+    inst = mount(source, sync="none")
+    with open(inst.live, "r+b") as f:
+        f.seek(MiB)
+        f.write(random_bytes(MiB, seed=11))
+    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(inst.snapshot),
+                             str(copy)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(inst.live),
+                             str(copy)], capture_output=True, text=True)
+    assert result.returncode == 1, "qemu-img sees the write on the live disk"
+    inst.umount()
+
+
+def test_daemon_killed(tmp_path, mount):
+    """kill -9 of the daemon: the snapshot process follows, and `snapfs umount`
+    clears the dead live mount and says what happened."""
+    source = write_image(tmp_path / "disk.img", random_bytes(MiB, seed=12))
+    inst = mount(source, sync="none")
+    os.kill(inst.pids[0], 9)
+    assert wait_until(lambda: not is_mounted(inst.snapshot_dir)), "snapshot mount left"
+    assert wait_until(lambda: not any(alive(pid) for pid in inst.pids))
+    result = run_snapfs("umount", inst.live_dir, check=False)
+    assert result.returncode == 1
+    assert "daemon had died" in result.stderr
+    assert not is_mounted(inst.live_dir)
+
+
+def test_chmod_chown_refused_touch_allowed(tmp_path, mount):
+    source = write_image(tmp_path / "disk.img", random_bytes(MiB, seed=13))
+    inst = mount(source, sync="none")
+    for command in (["chmod", "600", str(inst.live)], ["chown", "1:1", str(inst.live)]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr
+    subprocess.run(["touch", "-d", "2001-02-03 04:05:06", str(inst.live)], check=True)
+    assert source.stat().st_mtime == inst.live.stat().st_mtime
+    assert __import__("time").gmtime(source.stat().st_mtime).tm_year == 2001
+    inst.umount()
