@@ -1121,8 +1121,18 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     finally:
         bench.sweep()
-        log("removing the images")
-        shutil.rmtree(os.path.join(bench.workdir, "img"), ignore_errors=True)
+        if mounts_under(bench.workdir):
+            log(f"WARNING: still mounted under {bench.workdir}; leaving its files alone")
+        else:
+            log(f"removing the images and mount points in {bench.workdir}")
+            for name in ("img", "snapfs", "qemu", "first-write.iolog"):
+                path = os.path.join(bench.workdir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    remove(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(bench.workdir)
     rows = build_rows(bench)
     table = markdown_table(rows)
     print(table)
@@ -1134,4 +1144,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"bench: interrupted ({e or 'SIGINT'}); everything was unmounted and stopped",
+              file=sys.stderr)
+        sys.exit(130)
