@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import threading
 from typing import Iterator
 
 from snapfs.image import Image
@@ -26,11 +28,22 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+#: O_DIRECT needs offsets, lengths and buffer addresses aligned to this
+DIRECT_ALIGN = 4096
+
+
 class RawImage(Image):
-    def __init__(self, path: str, fd: int, size: int):
+    """A raw image file. An image made with `create` (a backup target) writes
+    large aligned blocks with O_DIRECT: filling fresh page cache costs this
+    kind of machine more than the write itself, and nobody reads the target
+    back soon. Other writes, and all reads, go through the page cache."""
+
+    def __init__(self, path: str, fd: int, size: int, direct_fd: int = -1):
         self.path = path
         self.fd = fd
         self.size = size
+        self._direct_fd = direct_fd
+        self._bounce = threading.local()  # an aligned buffer per writing thread
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "RawImage":
@@ -52,7 +65,11 @@ class RawImage(Image):
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, size)
+        try:
+            direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:  # a file system without O_DIRECT (tmpfs): buffered only
+            direct_fd = -1
+        return cls(path, fd, size, direct_fd)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -72,9 +89,24 @@ class RawImage(Image):
         return b"".join(parts)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        if (self._direct_fd >= 0 and len(data) >= 65536
+                and not (offset | len(data)) % DIRECT_ALIGN):
+            self._write_direct(offset, data)
+            return
         view = memoryview(data)
         while view:
             done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def _write_direct(self, offset: int, data: bytes | memoryview) -> None:
+        buffer = getattr(self._bounce, "buffer", None)
+        if buffer is None or len(buffer) < len(data):
+            buffer = self._bounce.buffer = mmap.mmap(-1, len(data))  # page-aligned
+        view = memoryview(buffer)[:len(data)]
+        view[:] = data
+        while view:
+            done = os.pwritev(self._direct_fd, [view], offset)
             view = view[done:]
             offset += done
 
@@ -106,6 +138,7 @@ class RawImage(Image):
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self._direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._direct_fd = -1
