@@ -1,0 +1,1296 @@
+"""qcow2 images (versions 2 and 3), written from QEMU's format specification
+(docs/interop/qcow2.rst).
+
+What is supported
+-----------------
+Reading: versions 2 and 3, cluster sizes 512 B to 2 MiB, refcount widths 1 to
+64 bits, zero clusters (with or without a preallocated host cluster),
+deflate-compressed clusters, and a backing chain of raw and qcow2 images (the
+backing format must be named by the backing-format header extension; it is
+never guessed). Writing: allocation of data clusters, L2 tables, refcount
+blocks and a bigger refcount table, with exact refcounts and COPIED flags.
+Creating: version 3 images with an optional backing file.
+
+Refused when opening (one-line `UserError`): encryption, an external data
+file, extended L2 entries, a compression type other than deflate, unknown
+incompatible features, the corrupt bit; and for writing also internal
+snapshots and the dirty bit.
+
+Metadata handling
+-----------------
+The L1 table and (when writable) the refcount table live in memory; L2 tables
+and refcount blocks are kept in bounded LRU caches. All metadata caches are
+write-through: a metadata change is written to the file (`pwrite`) before the
+lock protecting it is released, so memory never holds metadata the file lacks.
+
+Host clusters are only ever allocated at the end of the file, never reused:
+refcount-0 clusters inside the file (freed clusters) stay free and their space
+is given back with `fallocate(PUNCH_HOLE)`. Allocation takes clusters from a
+*reserved pool*: a run of clusters past the end of the file whose refcounts
+have already been raised to 1 (and the file extended over them) and made
+durable with one `fdatasync`. The pool grows geometrically (8 MiB up to 128
+MiB) so that the fsync is rare; what is left of it is released (refcounts
+dropped, file truncated) by `close`.
+
+Crash guarantees
+----------------
+*Process crash (kill -9, an exception, a lost FUSE daemon)*: every completed
+`pwrite` is in the kernel and reaches the file, so the order of the system
+calls is what matters. The driver issues them in this order:
+
+1. refcounts of new clusters are raised before any table points to them
+   (pool reservation, above); a new refcount block is written before the
+   refcount table entry that points to it; a moved refcount table is written
+   in full before the header points to it;
+2. guest data (including the copy-on-write fill of partially written
+   clusters) is written before the L2 entry that points to it;
+3. a new L2 table is all zeroes (fresh pool cluster) before the L1 entry
+   points to it;
+4. a reference is removed (L2 entry rewritten) before the refcount of the
+   cluster it named is lowered; lowering is deferred to the next `flush` or
+   `close`, after an `fdatasync`.
+
+So at any point the file on disk is consistent: the worst a crash can do is
+leak clusters (refcount 1, no reference: the unused pool, deferred frees),
+which `qemu-img check` reports as leaks (exit code 3) and `-r leaks` repairs.
+
+*Power loss or OS crash*: the `fdatasync`s at the ordering points that protect
+metadata (after raising refcounts and before using them, between a new
+refcount block and its table entry, before and after switching the header to
+a moved refcount table, before lowering refcounts) keep the *metadata*
+consistent (leaks only). As with QEMU, guest data and L2/L1 updates written
+since the last `flush` have no ordering among themselves at the disk level: a
+newly allocated cluster may read as zeroes or as its new data. `flush()`
+makes everything written so far durable.
+
+The dirty bit is never set (refcounts are never lower than the references).
+
+Threads
+-------
+One `threading.Lock` protects the metadata. Reads and writes of clusters that
+are already allocated (refcount 1, COPIED) do their data I/O outside the lock;
+allocating writes, copy-on-write, zeroing, compressed-cluster reads (whose
+host clusters can be freed by a concurrent rewrite of a neighbouring part) run
+under it. Callers must use distinct byte ranges concurrently (as snapfs does);
+two writers into different parts of the same cluster are serialised by the
+lock whenever the cluster needs allocating.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import re
+import struct
+import sys
+import threading
+import zlib
+from collections import Counter, OrderedDict
+from typing import Iterator
+
+from snapfs.errors import UserError
+from snapfs.image import Image
+from snapfs.raw import RawImage, punch_hole
+
+MAGIC = b"QFI\xfb"
+
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_NAMES = 0x6803F857
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
+                  | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
+
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+MAX_L1_BYTES = 32 << 20          # QEMU's limit
+MAX_REFTABLE_BYTES = 8 << 20     # QEMU's limit
+MAX_BACKING_NAME = 1023
+MAX_CHAIN_DEPTH = 16
+V2_HEADER_LENGTH = 72
+V3_HEADER_LENGTH = 112           # what create() writes: up to compression_type + padding
+
+L2_CACHE_BYTES = 32 << 20
+RB_CACHE_BYTES = 4 << 20
+POOL_FIRST_BYTES = 8 << 20
+POOL_MAX_BYTES = 128 << 20
+POOL_MAX_CLUSTERS = 1 << 16
+
+# cluster kinds, as seen by the mapping
+UNALLOC, ZERO, DATA, COMPRESSED = range(4)
+
+_HEADER = struct.Struct(">4sIQIIQIIQQIIQ")   # the 72 bytes of a version 2 header
+_HEADER3 = struct.Struct(">QQQII")           # bytes 72..103 of version 3
+_BIG = sys.byteorder == "big"
+_NONZERO = re.compile(rb"[^\x00]")
+_IOV_MAX = 1024
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError):
+    pass
+
+_COMPRESSION_NAMES = {1: "zstd"}
+_INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file",
+                   3: "compression type", 4: "extended L2 entries"}
+
+
+def _be_array(raw: bytes) -> array.array:
+    """An array of unsigned 64-bit ints from big-endian bytes."""
+    arr = array.array("Q")
+    arr.frombytes(raw)
+    if not _BIG:
+        arr.byteswap()
+    return arr
+
+
+def _be_bytes(arr: array.array) -> bytes:
+    if not _BIG:
+        arr = array.array("Q", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from the file at `offset`; past the end of the file the
+    view is left as it is (callers pass zeroed buffers)."""
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            return
+        view = view[n:]
+        offset += n
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    buf = bytearray(length)
+    view = memoryview(buf)
+    view[:len(data)] = data
+    _pread_into(fd, view[len(data):], offset + len(data))
+    return bytes(buf)
+
+
+def _pwritev(fd: int, bufs: list, offset: int) -> None:
+    """Write all buffers, in order, at `offset`."""
+    bufs = [memoryview(b) for b in bufs if len(b)]
+    bufs = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in bufs]
+    i = 0
+    while i < len(bufs):
+        chunk = bufs[i:i + _IOV_MAX]
+        n = os.pwritev(fd, chunk, offset)
+        offset += n
+        while n:
+            if n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            else:
+                bufs[i] = bufs[i][n:]
+                n = 0
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lookup(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class Qcow2Image(Image):
+    """A qcow2 image, with its backing chain opened read-only."""
+
+    # ------------------------------------------------------------------
+    # opening and creating
+    # ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, writable: bool = False) -> "Qcow2Image":
+        """Open an existing qcow2 image (and its backing chain, read-only)."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            return cls._from_fd(path, fd, writable, 0, set())
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def create(cls, path: str, size: int, cluster_size: int = 65536,
+               backing_file: str | None = None, backing_format: str | None = None,
+               overwrite: bool = False) -> "Qcow2Image":
+        """Create a version 3 image of `size` bytes (rounded up to a multiple of
+        512, as qemu-img does) and return it open for writing.
+
+        `backing_file` is stored exactly as given (a relative name is relative
+        to the directory of `path`), with `backing_format` ('raw' or 'qcow2')
+        in the backing-format header extension."""
+        if size < 0:
+            raise ValueError("negative image size")
+        if (cluster_size & (cluster_size - 1) or
+                not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS)):
+            raise UserError(f"{path}: cluster size {cluster_size} is not supported "
+                            "(a power of two from 512 to 2097152)")
+        name = b""
+        fmt = b""
+        if backing_file is not None:
+            if backing_format not in ("raw", "qcow2"):
+                raise UserError(f"{path}: backing format {backing_format!r} is not supported "
+                                "(give 'raw' or 'qcow2')")
+            name = os.fsencode(backing_file)
+            fmt = backing_format.encode()
+            if not name:
+                raise UserError(f"{path}: empty backing file name")
+            if len(name) > MAX_BACKING_NAME:
+                raise UserError(f"{path}: backing file name longer than {MAX_BACKING_NAME} bytes")
+        elif backing_format is not None:
+            raise UserError(f"{path}: backing format given without a backing file")
+
+        size = -(-size // 512) * 512
+        cs = cluster_size
+        bits = cs.bit_length() - 1
+        l2_span = cs * (cs // 8)
+        l1_size = -(-size // l2_span)
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise UserError(f"{path}: size {size} is too big for cluster size {cs} "
+                            "(the L1 table would exceed 32 MiB)")
+        l1_clusters = -(-l1_size * 8 // cs)
+        rb_entries = cs * 8 // 16
+        reft_clusters, blocks = 1, 1
+        while True:  # the refcount structures must cover themselves
+            total = 1 + reft_clusters + blocks + l1_clusters
+            need_blocks = -(-total // rb_entries)
+            need_reft = max(1, -(-need_blocks * 8 // cs))
+            if (need_blocks, need_reft) == (blocks, reft_clusters):
+                break
+            blocks, reft_clusters = need_blocks, need_reft
+        reft_off = cs
+        blocks_off = reft_off + reft_clusters * cs
+        l1_off = blocks_off + blocks * cs
+
+        exts = b""
+        if fmt:
+            exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt
+            exts += bytes(-len(exts) % 8)
+        exts += struct.pack(">II", EXT_END, 0)
+        backing_off = V3_HEADER_LENGTH + len(exts) if name else 0
+        header = _HEADER.pack(MAGIC, 3, backing_off, len(name), bits, size, 0, l1_size,
+                              l1_off, reft_off, reft_clusters, 0, 0)
+        header += _HEADER3.pack(0, 0, 0, 4, V3_HEADER_LENGTH)
+        header += bytes(V3_HEADER_LENGTH - len(header))  # compression_type 0 (deflate), padding
+        header += exts + name
+        if len(header) > cs:
+            raise UserError(f"{path}: the backing file name does not fit in the first "
+                            f"cluster; use a bigger cluster size than {cs}")
+
+        reftable = array.array("Q", (blocks_off + i * cs for i in range(blocks)))
+        reftable.frombytes(bytes(reft_clusters * cs - blocks * 8))
+        refblocks = (b"\x00\x01" * total).ljust(blocks * cs, b"\x00")
+
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+        fd = os.open(path, flags, 0o644)
+        try:
+            _pwrite(fd, header, 0)
+            _pwrite(fd, _be_bytes(reftable), reft_off)
+            _pwrite(fd, refblocks, blocks_off)
+            os.ftruncate(fd, total * cs)
+            os.fdatasync(fd)
+            _fsync_dir(path)
+            return cls._from_fd(path, fd, True, 0, set())
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def _from_fd(cls, path: str, fd: int, writable: bool, depth: int,
+                 seen: set) -> "Qcow2Image":
+        self = cls.__new__(cls)
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+        self.backing = None
+        self._lock = threading.Lock()
+        st = os.fstat(fd)
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            self._read_header(st.st_size)
+            if writable:
+                self._load_refcount_table(st.st_size)
+            self._open_backing(depth, seen)
+        except BaseException:
+            if self.backing is not None:
+                self.backing.close()
+            raise
+        return self
+
+    def _refuse(self, problem: str) -> UserError:
+        return UserError(f"{self.path}: {problem}")
+
+    def _read_header(self, file_size: int) -> None:
+        fd = self.fd
+        head = os.pread(fd, 4096, 0)
+        if len(head) < 4 or head[:4] != MAGIC:
+            raise self._refuse("not a qcow2 image")
+        if len(head) < _HEADER.size:
+            raise self._refuse("truncated qcow2 header")
+        (_, version, backing_off, backing_len, bits, size, crypt, l1_size, l1_off,
+         reft_off, reft_clusters, nb_snapshots, _) = _HEADER.unpack_from(head)
+        if version not in (2, 3):
+            raise self._refuse(f"qcow2 version {version} is not supported")
+        if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
+            raise self._refuse(f"cluster size 2^{bits} is not supported (512 B to 2 MiB)")
+        cs = 1 << bits
+        first = _pread_exact(fd, cs, 0) if cs > len(head) else head[:cs].ljust(cs, b"\0")
+        incompat = compat = autoclear = 0
+        refcount_order = 4
+        header_length = V2_HEADER_LENGTH
+        compression_type = 0
+        if version >= 3:
+            if len(head) < 104:
+                raise self._refuse("truncated qcow2 header")
+            incompat, compat, autoclear, refcount_order, header_length = \
+                _HEADER3.unpack_from(first, 72)
+            if header_length < 104 or header_length % 8 or header_length > cs:
+                raise self._refuse(f"invalid header length {header_length}")
+            if header_length > 104:
+                compression_type = first[104]
+
+        # header extensions
+        backing_format = None
+        feature_names = {}
+        pos = header_length
+        while pos + 8 <= cs:
+            ext_type, ext_len = struct.unpack_from(">II", first, pos)
+            if ext_type == EXT_END:
+                break
+            data = first[pos + 8:pos + 8 + ext_len]
+            if len(data) < ext_len:
+                raise self._refuse("invalid header extension (runs past the first cluster)")
+            if ext_type == EXT_BACKING_FORMAT:
+                backing_format = data.decode("utf-8", "replace")
+            elif ext_type == EXT_FEATURE_NAMES:
+                for i in range(0, ext_len - 47, 48):
+                    kind, bit = data[i], data[i + 1]
+                    feature_names[kind, bit] = data[i + 2:i + 48].rstrip(b"\0").decode(
+                        "utf-8", "replace")
+            pos += 8 + ext_len + (-ext_len % 8)
+
+        # refusals, most fundamental first
+        if crypt != 0:
+            raise self._refuse("encrypted images are not supported")
+        if incompat & INCOMPAT_CORRUPT:
+            raise self._refuse("the image is marked corrupt; repair it with "
+                               "'qemu-img check -r all' first")
+        if incompat & INCOMPAT_DATA_FILE:
+            raise self._refuse("images with an external data file are not supported")
+        if incompat & INCOMPAT_EXTL2:
+            raise self._refuse("images with extended L2 entries (subclusters) are not supported")
+        if incompat & INCOMPAT_COMPRESSION or compression_type != 0:
+            if compression_type == 0:
+                raise self._refuse("the compression type bit is set but no compression "
+                                   "type is given")
+            name = _COMPRESSION_NAMES.get(compression_type, f"#{compression_type}")
+            raise self._refuse(f"compression type {name} is not supported (only deflate)")
+        unknown = incompat & ~INCOMPAT_KNOWN
+        if unknown:
+            bits_set = [b for b in range(64) if unknown >> b & 1]
+            names = ", ".join(f"bit {b}" + (f" ({feature_names[0, b]})"
+                                            if feature_names.get((0, b)) else "")
+                              for b in bits_set)
+            raise self._refuse(f"unknown incompatible features are set: {names}")
+        if self.writable and nb_snapshots:
+            raise self._refuse(f"the image has {nb_snapshots} internal snapshot(s); "
+                               "it can only be opened read-only")
+        if self.writable and incompat & INCOMPAT_DIRTY:
+            raise self._refuse("the image is dirty (refcounts may be wrong); repair it "
+                               "with 'qemu-img check -r all' first")
+        if refcount_order > 6:
+            raise self._refuse(f"invalid refcount order {refcount_order}")
+
+        l2_bits = bits - 3
+        l2_span = 1 << (bits + l2_bits)
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise self._refuse(f"L1 table too large ({l1_size} entries)")
+        if l1_size < -(-size // l2_span):
+            raise self._refuse("L1 table is too small for the image size")
+        if l1_off % cs or (l1_size and l1_off == 0):
+            raise self._refuse("L1 table offset is not cluster aligned")
+        if reft_off % cs:
+            raise self._refuse("refcount table offset is not cluster aligned")
+
+        self.version = version
+        self.cluster_bits = bits
+        self.cluster_size = cs
+        self.size = size
+        self.l2_bits = l2_bits
+        self.l2_entries = 1 << l2_bits
+        self.l1_size = l1_size
+        self.l1_offset = l1_off
+        self.reft_offset = reft_off
+        self.reft_clusters = reft_clusters
+        self.refcount_order = refcount_order
+        self.autoclear = autoclear
+        self.compat = compat
+        self.incompat = incompat
+        self.nb_snapshots = nb_snapshots
+        self._zero_flag = OFLAG_ZERO if version >= 3 else 0
+        # compressed cluster descriptor: offset in bits 0..x-1, sectors in x..61
+        self._cshift = 62 - (bits - 8)
+        self._coff_mask = (1 << self._cshift) - 1
+        self._csec_mask = (1 << (bits - 8)) - 1
+        self._backing_name = None
+        self._backing_format = backing_format
+        if backing_off:
+            if backing_len > MAX_BACKING_NAME:
+                raise self._refuse("backing file name longer than 1023 bytes")
+            raw = first[backing_off:backing_off + backing_len] if backing_off + backing_len <= cs \
+                else _pread_exact(self.fd, backing_len, backing_off)
+            if len(raw) != backing_len:
+                raise self._refuse("truncated backing file name")
+            self._backing_name = raw
+        self.l1 = _be_array(_pread_exact(self.fd, l1_size * 8, l1_off)) if l1_size \
+            else array.array("Q")
+        self._l2_cache = _LRU(max(8, L2_CACHE_BYTES // cs))
+        self._rb_cache = _LRU(max(8, RB_CACHE_BYTES // cs))
+        self._write_started = False
+        self._pending_frees: Counter = Counter()
+        self._pool_next = self._pool_end = 0
+        self._pool_chunk = max(1, min(POOL_MAX_CLUSTERS, POOL_FIRST_BYTES // cs))
+        self._frontier = -(-file_size // cs)
+
+    def _load_refcount_table(self, file_size: int) -> None:
+        cs = self.cluster_size
+        if self.reft_clusters * cs > MAX_REFTABLE_BYTES or self.reft_clusters == 0:
+            raise self._refuse(f"invalid refcount table size ({self.reft_clusters} clusters)")
+        self.reftable = _be_array(_pread_exact(self.fd, self.reft_clusters * cs,
+                                               self.reft_offset))
+        self._rb_entries = cs * 8 >> self.refcount_order
+        self._rc_max = (1 << (1 << self.refcount_order)) - 1
+
+    def _open_backing(self, depth: int, seen: set) -> None:
+        name = self._backing_name
+        if name is None:
+            self.backing_size = 0
+            return
+        shown = os.fsdecode(name)
+        fmt = self._backing_format
+        if fmt is None:
+            raise self._refuse(f"the backing file {shown} has no backing format in the "
+                               "image header and snapfs does not guess it (set it with "
+                               f"'qemu-img rebase -u -b {shown} -F FORMAT')")
+        if fmt not in ("raw", "qcow2"):
+            raise self._refuse(f"backing format {fmt!r} of {shown} is not supported "
+                               "(only raw and qcow2)")
+        if depth + 1 >= MAX_CHAIN_DEPTH:
+            raise self._refuse(f"the backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+        path = os.fsdecode(name)
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(self.path), path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._refuse(f"cannot open backing file {shown}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                raise self._refuse(f"backing chain loop: {shown} is already in the chain")
+            if fmt == "raw":
+                seen.add((st.st_dev, st.st_ino))
+                self.backing = RawImage(path, fd, os.lseek(fd, 0, os.SEEK_END))
+            else:
+                self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.backing_size = self.backing.size
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as stored in the header (None if none)."""
+        return None if self._backing_name is None else os.fsdecode(self._backing_name)
+
+    @property
+    def backing_format(self) -> str | None:
+        return self._backing_format
+
+    # ------------------------------------------------------------------
+    # metadata access (all under self._lock)
+    # ------------------------------------------------------------------
+
+    def _corrupt(self, what: str) -> OSError:
+        return OSError(errno.EIO, f"{self.path}: corrupt qcow2 image: {what}")
+
+    def _l2_table(self, l1_index: int) -> array.array | None:
+        """The L2 table of an L1 entry (cached), or None if unallocated."""
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        if not offset:
+            return None
+        table = self._l2_cache.lookup(offset)
+        if table is None:
+            if offset & (self.cluster_size - 1):
+                raise self._corrupt(f"L2 table offset {offset:#x} is not cluster aligned")
+            table = _be_array(_pread_exact(self.fd, self.cluster_size, offset))
+            self._l2_cache.put(offset, table)
+        return table
+
+    def _write_l2_entries(self, l1_index: int, table: array.array, first: int, end: int) -> None:
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        _pwrite(self.fd, _be_bytes(table[first:end]), offset + first * 8)
+
+    def _write_l1_entry(self, l1_index: int) -> None:
+        _pwrite(self.fd, _be_bytes(self.l1[l1_index:l1_index + 1]), self.l1_offset + l1_index * 8)
+
+    def _map(self, offset: int, length: int) -> list:
+        """The guest range as runs [kind, start, end, host offset, L2 entry].
+
+        Adjacent clusters of the same kind are merged (data clusters only when
+        their host ranges are contiguous and their COPIED flags are equal);
+        compressed clusters are never merged."""
+        runs: list = []
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        end = offset + length
+        c = offset >> bits
+        last = (end - 1) >> bits
+        l2_bits = self.l2_bits
+        zero_flag = self._zero_flag
+        while c <= last:
+            l1_index = c >> l2_bits
+            seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
+            table = self._l2_table(l1_index)
+            if table is None:
+                start = max(offset, c << bits)
+                stop = min(end, (seg_last + 1) << bits)
+                if runs and runs[-1][0] == UNALLOC:
+                    runs[-1][2] = stop
+                else:
+                    runs.append([UNALLOC, start, stop, 0, 0])
+                c = seg_last + 1
+                continue
+            base = l1_index << l2_bits
+            for cc in range(c, seg_last + 1):
+                e = table[cc - base]
+                start = cc << bits
+                stop = start + cs
+                if start < offset:
+                    start = offset
+                if stop > end:
+                    stop = end
+                if e & OFLAG_COMPRESSED:
+                    runs.append([COMPRESSED, start, stop, 0, e])
+                    continue
+                host = e & L2E_OFFSET_MASK
+                if e & zero_flag:
+                    kind = ZERO
+                elif host:
+                    kind = DATA
+                    if host & (cs - 1):
+                        raise self._corrupt(f"data cluster offset {host:#x} is not aligned")
+                    host += start & (cs - 1)
+                elif e & OFLAG_COPIED:
+                    raise self._corrupt(f"L2 entry {e:#x} has no offset")
+                else:
+                    kind = UNALLOC
+                if runs:
+                    prev = runs[-1]
+                    if prev[0] == kind and prev[2] == start and (
+                            kind == UNALLOC or kind == ZERO or
+                            (kind == DATA and prev[3] + (start - prev[1]) == host
+                             and (prev[4] ^ e) & OFLAG_COPIED == 0)):
+                        prev[2] = stop
+                        continue
+                runs.append([kind, start, stop, host, e])
+            c = seg_last + 1
+        return runs
+
+    # --- refcounts ----------------------------------------------------
+
+    def _refblock(self, index: int, must_exist: bool = True) -> tuple[bytearray | None, int]:
+        offset = self.reftable[index] & REFT_OFFSET_MASK if index < len(self.reftable) else 0
+        if not offset:
+            if must_exist:
+                raise self._corrupt(f"refcount block {index} is missing")
+            return None, 0
+        block = self._rb_cache.lookup(index)
+        if block is None:
+            if offset & (self.cluster_size - 1):
+                raise self._corrupt(f"refcount block offset {offset:#x} is not aligned")
+            block = bytearray(_pread_exact(self.fd, self.cluster_size, offset))
+            self._rb_cache.put(index, block)
+        return block, offset
+
+    def _rc_entry_bytes(self, first: int, end: int) -> tuple[int, int]:
+        """The byte range of refcount block entries [first, end)."""
+        order = self.refcount_order
+        if order >= 3:
+            width = 1 << (order - 3)
+            return first * width, end * width
+        per_byte = 8 >> order
+        return first // per_byte, -(-end // per_byte)
+
+    def _rc_get_in(self, block: bytearray, i: int) -> int:
+        order = self.refcount_order
+        if order >= 3:
+            width = 1 << (order - 3)
+            return int.from_bytes(block[i * width:(i + 1) * width], "big")
+        nbits = 1 << order
+        pos = i * nbits
+        return (block[pos >> 3] >> (pos & 7)) & ((1 << nbits) - 1)
+
+    def _rc_set_in(self, block: bytearray, i: int, value: int) -> None:
+        order = self.refcount_order
+        if order >= 3:
+            width = 1 << (order - 3)
+            block[i * width:(i + 1) * width] = value.to_bytes(width, "big")
+            return
+        nbits = 1 << order
+        pos = i * nbits
+        mask = ((1 << nbits) - 1) << (pos & 7)
+        block[pos >> 3] = (block[pos >> 3] & ~mask) | (value << (pos & 7))
+
+    def _rc_set_range_in(self, block: bytearray, first: int, end: int, value: int) -> None:
+        order = self.refcount_order
+        if order >= 3:
+            width = 1 << (order - 3)
+            block[first * width:end * width] = value.to_bytes(width, "big") * (end - first)
+        else:
+            for i in range(first, end):
+                self._rc_set_in(block, i, value)
+
+    def _refcount(self, cluster: int) -> int:
+        block, _ = self._refblock(cluster // self._rb_entries, must_exist=False)
+        return 0 if block is None else self._rc_get_in(block, cluster % self._rb_entries)
+
+    def _rc_change(self, deltas: dict) -> list[int]:
+        """Add deltas {cluster: delta} to refcounts, writing each touched
+        refcount block once. Returns the clusters whose refcount became 0."""
+        per_block: dict = {}
+        E = self._rb_entries
+        for cluster, delta in deltas.items():
+            per_block.setdefault(cluster // E, []).append((cluster % E, delta))
+        freed = []
+        for index in sorted(per_block):
+            block, offset = self._refblock(index)
+            lo, hi = E, 0
+            for i, delta in per_block[index]:
+                value = self._rc_get_in(block, i) + delta
+                if value < 0 or value > self._rc_max:
+                    raise self._corrupt(f"refcount of cluster {index * E + i} out of range "
+                                        f"({value})")
+                self._rc_set_in(block, i, value)
+                lo, hi = min(lo, i), max(hi, i + 1)
+                if value == 0:
+                    freed.append(index * E + i)
+            a, b = self._rc_entry_bytes(lo, hi)
+            _pwrite(self.fd, block[a:b], offset + a)
+        return freed
+
+    # --- allocation -----------------------------------------------------
+
+    def _alloc(self, count: int) -> list[tuple[int, int]]:
+        """Take `count` fresh (all-zero, refcount 1) clusters from the pool:
+        a list of (first cluster, number of clusters)."""
+        out = []
+        while count:
+            if self._pool_next >= self._pool_end:
+                self._reserve(count)
+            take = min(count, self._pool_end - self._pool_next)
+            if out and out[-1][0] + out[-1][1] == self._pool_next:
+                out[-1] = (out[-1][0], out[-1][1] + take)
+            else:
+                out.append((self._pool_next, take))
+            self._pool_next += take
+            count -= take
+        return out
+
+    def _reserve(self, count: int) -> None:
+        """Refill the pool with at least `count` clusters past the end of the
+        file, creating refcount blocks and growing the refcount table as
+        needed; durable before it returns."""
+        cs = self.cluster_size
+        E = self._rb_entries
+        want = max(count, self._pool_chunk)
+        self._pool_chunk = min(self._pool_chunk * 2, max(1, POOL_MAX_BYTES // cs),
+                               POOL_MAX_CLUSTERS)
+        while True:
+            first = self._frontier
+            new_table = 0     # clusters of a new (moved, bigger) refcount table
+            missing: list[int] = []
+            while True:       # the new metadata must also be counted
+                end = first + new_table + len(missing) + want
+                last_block = (end - 1) // E
+                table = 0
+                if last_block >= len(self.reftable):
+                    table = -(-(2 * (last_block + 1)) * 8 // cs)
+                    if table * cs > MAX_REFTABLE_BYTES:
+                        raise OSError(errno.ENOSPC, f"{self.path}: image file too large for "
+                                      "the qcow2 refcount table")
+                miss = [b for b in range(first // E, last_block + 1)
+                        if b >= len(self.reftable) or not self.reftable[b] & REFT_OFFSET_MASK]
+                if table == new_table and miss == missing:
+                    break
+                new_table, missing = table, miss
+            # clusters past the end of the file must be free; skip any that are not
+            busy = self._last_used_in(first, end)
+            if busy is None:
+                break
+            self._frontier = busy + 1
+
+        table_at = first
+        blocks_at = first + new_table
+        pool_at = blocks_at + len(missing)
+        block_host = {b: (blocks_at + i) * cs for i, b in enumerate(missing)}
+
+        # 1. refcounts of every new cluster: new blocks in full, others in place
+        for b in range(first // E, last_block + 1):
+            lo, hi = max(first, b * E) - b * E, min(end, (b + 1) * E) - b * E
+            if b in block_host:
+                block = bytearray(cs)
+                self._rc_set_range_in(block, lo, hi, 1)
+                _pwrite(self.fd, block, block_host[b])
+                self._rb_cache.put(b, block)
+            else:
+                block, offset = self._refblock(b)
+                self._rc_set_range_in(block, lo, hi, 1)
+                x, y = self._rc_entry_bytes(lo, hi)
+                _pwrite(self.fd, block[x:y], offset + x)
+        if os.fstat(self.fd).st_size < end * cs:
+            os.ftruncate(self.fd, end * cs)
+        if new_table:
+            reftable = array.array("Q", self.reftable)
+            reftable.frombytes(bytes(new_table * cs - len(reftable) * 8))
+            for b, host in block_host.items():
+                reftable[b] = host
+            _pwrite(self.fd, _be_bytes(reftable), table_at * cs)
+        os.fdatasync(self.fd)
+
+        # 2. point the refcount table (or the header) at what was written
+        if new_table:
+            old_offset, old_clusters = self.reft_offset, self.reft_clusters
+            _pwrite(self.fd, struct.pack(">QI", table_at * cs, new_table), 48)
+            os.fdatasync(self.fd)
+            self.reftable = reftable
+            self.reft_offset, self.reft_clusters = table_at * cs, new_table
+            old_first = old_offset // cs
+            freed = self._rc_change({c: -1 for c in range(old_first, old_first + old_clusters)})
+            self._punch_clusters(freed)
+        elif missing:
+            for b, host in block_host.items():
+                self.reftable[b] = host
+            lo, hi = min(missing), max(missing) + 1
+            _pwrite(self.fd, _be_bytes(self.reftable[lo:hi]), self.reft_offset + lo * 8)
+            os.fdatasync(self.fd)
+        self._pool_next, self._pool_end = pool_at, end
+        self._frontier = end
+
+    def _last_used_in(self, first: int, end: int) -> int | None:
+        """The last cluster in [first, end) with a nonzero refcount, or None."""
+        E = self._rb_entries
+        found = None
+        for b in range(first // E, (end - 1) // E + 1):
+            block, _ = self._refblock(b, must_exist=False)
+            if block is None:
+                continue
+            lo, hi = max(first, b * E) - b * E, min(end, (b + 1) * E) - b * E
+            x, y = self._rc_entry_bytes(lo, hi)
+            if not any(block[x:y]):
+                continue
+            for i in range(hi - 1, lo - 1, -1):
+                if self._rc_get_in(block, i):
+                    found = b * E + i
+                    break
+        return found
+
+    def _punch_clusters(self, clusters: list[int]) -> None:
+        """Give back the space of freed clusters."""
+        cs = self.cluster_size
+        clusters = sorted(clusters)
+        i = 0
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+                j += 1
+            try:
+                punch_hole(self.fd, clusters[i] * cs, (j - i) * cs)
+            except OSError:
+                pass
+            i = j
+
+    def _free_later(self, entry: int) -> None:
+        """Queue the refcount decrements for a dropped L2 entry."""
+        cs = self.cluster_size
+        if entry & OFLAG_COMPRESSED:
+            offset = entry & self._coff_mask
+            sectors = (entry >> self._cshift) & self._csec_mask
+            stop = (offset & ~511) + (sectors + 1) * 512
+            for c in range(offset // cs, (stop - 1) // cs + 1):
+                self._pending_frees[c] += 1
+        else:
+            host = entry & L2E_OFFSET_MASK
+            if host:
+                self._pending_frees[host // cs] += 1
+
+    def _apply_frees(self) -> None:
+        """Lower the refcounts of dropped clusters, now that the tables that
+        dropped them are durable."""
+        if not self._pending_frees:
+            return
+        os.fdatasync(self.fd)
+        frees = {c: -n for c, n in self._pending_frees.items()}
+        self._pending_frees.clear()
+        self._punch_clusters(self._rc_change(frees))
+
+    def _start_writing(self) -> None:
+        if self._write_started:
+            return
+        if not self.writable:
+            raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
+        if self.autoclear:
+            # the spec: clear unknown autoclear bits before the first write
+            _pwrite(self.fd, bytes(8), 88)
+            os.fdatasync(self.fd)
+            self.autoclear = 0
+        self._write_started = True
+
+    def _l2_for_write(self, l1_index: int) -> array.array:
+        """The L2 table of an L1 entry, allocated if needed and writable in
+        place (refcount 1)."""
+        entry = self.l1[l1_index]
+        offset = entry & L1E_OFFSET_MASK
+        if not offset:
+            [(cluster, _)] = self._alloc(1)
+            offset = cluster << self.cluster_bits
+            table = array.array("Q", bytes(self.cluster_size))  # the pool cluster is zeroes
+            self._l2_cache.put(offset, table)
+            self.l1[l1_index] = offset | OFLAG_COPIED
+            self._write_l1_entry(l1_index)
+            return table
+        table = self._l2_table(l1_index)
+        if not entry & OFLAG_COPIED:
+            refcount = self._refcount(offset >> self.cluster_bits)
+            if refcount != 1:
+                raise OSError(errno.ENOTSUP, f"{self.path}: L2 table at {offset:#x} is shared "
+                              f"(refcount {refcount}); cannot write")
+            self.l1[l1_index] = entry | OFLAG_COPIED
+            self._write_l1_entry(l1_index)
+        return table
+
+    # ------------------------------------------------------------------
+    # guest I/O
+    # ------------------------------------------------------------------
+
+    def _read_compressed(self, entry: int) -> bytes:
+        offset = entry & self._coff_mask
+        sectors = (entry >> self._cshift) & self._csec_mask
+        stop = (offset & ~511) + (sectors + 1) * 512
+        raw = os.pread(self.fd, stop - offset, offset)
+        try:
+            # raw deflate (no zlib header), as QEMU writes it (window bits 12)
+            data = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
+        except zlib.error as e:
+            raise self._corrupt(f"compressed cluster at {offset:#x}: {e}") from None
+        if len(data) != self.cluster_size:
+            raise self._corrupt(f"compressed cluster at {offset:#x} is short")
+        return data
+
+    def _read_backing_into(self, view: memoryview, start: int, stop: int) -> None:
+        """Guest bytes [start, stop) of the backing chain into `view` (zeroed)."""
+        end = min(stop, self.backing_size)
+        if self.backing is not None and start < end:
+            view[:end - start] = self.backing.read(start, end - start)
+
+    def _read_run(self, run: list, view: memoryview, offset: int) -> None:
+        kind, start, stop, host, entry = run
+        part = view[start - offset:stop - offset]
+        if kind == DATA:
+            _pread_into(self.fd, part, host)
+        elif kind == UNALLOC:
+            self._read_backing_into(part, start, stop)
+        elif kind == COMPRESSED:
+            skip = start & (self.cluster_size - 1)
+            part[:] = self._read_compressed(entry)[skip:skip + stop - start]
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        later = []
+        with self._lock:
+            runs = self._map(offset, length)
+            if len(runs) == 1 and runs[0][0] == DATA and (
+                    runs[0][4] & OFLAG_COPIED or not self.writable):
+                host = runs[0][3]
+                runs = None
+            else:
+                for run in runs:
+                    # compressed and shared clusters can be freed by a concurrent
+                    # rewrite of another part of them: read those under the lock
+                    if self.writable and (run[0] == COMPRESSED or
+                                          (run[0] == DATA and not run[4] & OFLAG_COPIED)):
+                        self._read_run(run, view, offset)
+                    elif run[0] != ZERO:
+                        later.append(run)
+        if runs is None:
+            return _pread_exact(self.fd, length, host)
+        for run in later:
+            self._read_run(run, view, offset)
+        return bytes(buf)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if not len(view):
+            return
+        with self._lock:
+            self._start_writing()
+            runs = self._map(offset, len(view))
+            if not all(r[0] == DATA and r[4] & OFLAG_COPIED for r in runs):
+                self._write_locked(offset, view)
+                return
+        # all clusters are allocated and ours alone: no metadata to change
+        for _, start, stop, host, _ in runs:
+            _pwrite(self.fd, view[start - offset:stop - offset], host)
+
+    def _fill(self, cluster: int, entry: int, fresh: bool) -> bytes | None:
+        """The current guest content of a cluster, for the copy-on-write fill
+        of a partial write into a new host cluster; None if it is zeroes and
+        the new cluster is fresh (already zeroes)."""
+        cs = self.cluster_size
+        if entry & OFLAG_COMPRESSED:
+            return self._read_compressed(entry)
+        host = entry & L2E_OFFSET_MASK
+        if entry & self._zero_flag:
+            return None if fresh else bytes(cs)
+        if host:
+            return _pread_exact(self.fd, cs, host)
+        start = cluster * cs
+        if self.backing is None or start >= self.backing_size:
+            return None if fresh else bytes(cs)
+        buf = bytearray(cs)
+        self._read_backing_into(memoryview(buf), start, min(start + cs, self.size))
+        return buf
+
+    def _write_locked(self, offset: int, view: memoryview) -> None:
+        """A write that may need allocation or copy-on-write (under the lock)."""
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        l2_bits = self.l2_bits
+        zero_flag = self._zero_flag
+        end = offset + len(view)
+        c = offset >> bits
+        last = (end - 1) >> bits
+        while c <= last:
+            l1_index = c >> l2_bits
+            seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
+            table = self._l2_for_write(l1_index)
+            base = l1_index << l2_bits
+
+            # which clusters need a new host cluster
+            clusters = []        # [cluster, entry, host, new?]
+            needed = 0
+            for cc in range(c, seg_last + 1):
+                e = table[cc - base]
+                host = e & L2E_OFFSET_MASK
+                if not e & OFLAG_COMPRESSED and host and e & OFLAG_COPIED:
+                    if host & (cs - 1):
+                        raise self._corrupt(f"data cluster offset {host:#x} is not aligned")
+                    clusters.append([cc, e, host, False])   # in place (maybe a zero cluster)
+                else:
+                    clusters.append([cc, e, 0, True])
+                    needed += 1
+            if needed:
+                fresh = iter([first + i for first, n in self._alloc(needed) for i in range(n)])
+                for item in clusters:
+                    if item[3]:
+                        item[2] = next(fresh) << bits
+
+            # the data, with copy-on-write fills, as host pieces [start, end, parts]
+            pieces: list = []
+            for cc, e, host, new in clusters:
+                cstart = cc << bits
+                cend = min(cstart + cs, self.size)
+                a = max(offset, cstart)
+                b = min(end, cend)
+                data = (a - offset, b - offset)
+                zero_reuse = not new and e & zero_flag
+                if not new and not zero_reuse:
+                    parts = [data]
+                    hstart = host + (a - cstart)
+                elif a == cstart and b == cend:
+                    parts = [data]
+                    hstart = host
+                else:
+                    old = self._fill(cc, e, fresh=new)
+                    if old is None:
+                        parts = [data]
+                        hstart = host + (a - cstart)
+                    else:
+                        old = memoryview(old)
+                        parts = [old[:a - cstart], data, old[b - cstart:cend - cstart]]
+                        hstart = host
+                hend = hstart + sum(len(p) if not isinstance(p, tuple) else p[1] - p[0]
+                                    for p in parts)
+                if pieces and pieces[-1][1] == hstart:
+                    prev = pieces[-1]
+                    prev[1] = hend
+                    if (isinstance(prev[2][-1], tuple) and isinstance(parts[0], tuple)
+                            and prev[2][-1][1] == parts[0][0]):
+                        prev[2][-1] = (prev[2][-1][0], parts[0][1])
+                        parts = parts[1:]
+                    prev[2].extend(parts)
+                else:
+                    pieces.append([hstart, hend, parts])
+            for hstart, _, parts in pieces:
+                _pwritev(self.fd, [view[p[0]:p[1]] if isinstance(p, tuple) else p
+                                   for p in parts], hstart)
+
+            # then the L2 entries that point to it
+            lo = hi = None
+            for cc, e, host, new in clusters:
+                if new or e & zero_flag:
+                    table[cc - base] = host | OFLAG_COPIED
+                    if new:
+                        self._free_later(e)
+                    if lo is None:
+                        lo = cc - base
+                    hi = cc - base + 1
+            if lo is not None:
+                self._write_l2_entries(l1_index, table, lo, hi)
+            c = seg_last + 1
+
+    def _reads_as_zero(self, cluster: int) -> bool:
+        """Whether a cluster certainly reads as zeroes (cheap checks only)."""
+        table = self._l2_table(cluster >> self.l2_bits)
+        e = 0 if table is None else table[cluster & (self.l2_entries - 1)]
+        if e & OFLAG_COMPRESSED:
+            return False
+        if e & self._zero_flag:
+            return True
+        if e & L2E_OFFSET_MASK:
+            return False
+        return self.backing is None or (cluster << self.cluster_bits) >= self.backing_size
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        end = offset + length
+        with self._lock:
+            self._start_writing()
+            first = offset >> bits
+            last = (end - 1) >> bits
+            whole_first, whole_last = first, last
+            # partial clusters at the edges are written as zero data
+            for cc in sorted({first, last}):
+                cstart = cc << bits
+                cend = min(cstart + cs, self.size)
+                a, b = max(offset, cstart), min(end, cend)
+                if (a, b) == (cstart, cend):
+                    continue
+                if cc == whole_first:
+                    whole_first += 1
+                if cc == whole_last:
+                    whole_last -= 1
+                if not self._reads_as_zero(cc):
+                    self._write_locked(a, memoryview(bytes(b - a)))
+            if whole_first <= whole_last:
+                if self.version >= 3:
+                    self._zero_clusters_v3(whole_first, whole_last)
+                else:
+                    self._zero_clusters_v2(whole_first, whole_last)
+
+    def _zero_clusters_v3(self, first: int, last: int) -> None:
+        """Set the zero flag on clusters [first, last]."""
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        l2_bits = self.l2_bits
+        backing_clusters = -(-self.backing_size // cs) if self.backing is not None else 0
+        c = first
+        while c <= last:
+            l1_index = c >> l2_bits
+            seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
+            base = l1_index << l2_bits
+            table = self._l2_table(l1_index)
+            if table is None and c >= backing_clusters:
+                c = seg_last + 1      # unallocated and nothing below: reads as zeroes
+                continue
+            changes = []
+            for cc in range(c, seg_last + 1):
+                e = 0 if table is None else table[cc - base]
+                host = e & L2E_OFFSET_MASK
+                if e & OFLAG_COMPRESSED:
+                    changes.append((cc, OFLAG_ZERO, e))
+                elif e & OFLAG_ZERO:
+                    continue
+                elif host and e & OFLAG_COPIED:
+                    # keep the cluster preallocated, give its space back
+                    changes.append((cc, host | OFLAG_COPIED | OFLAG_ZERO, 0))
+                elif host:
+                    changes.append((cc, OFLAG_ZERO, e))
+                elif cc < backing_clusters:
+                    changes.append((cc, OFLAG_ZERO, 0))
+            if changes:
+                table = self._l2_for_write(l1_index)
+                for cc, new, _ in changes:
+                    table[cc - base] = new
+                self._write_l2_entries(l1_index, table, changes[0][0] - base,
+                                       changes[-1][0] - base + 1)
+                punch = []
+                for cc, new, old in changes:
+                    if old:
+                        self._free_later(old)
+                    elif new & L2E_OFFSET_MASK:
+                        punch.append((new & L2E_OFFSET_MASK) >> bits)
+                self._punch_clusters(punch)
+            c = seg_last + 1
+
+    def _zero_clusters_v2(self, first: int, last: int) -> None:
+        """Version 2 has no zero flag: punch our own clusters, write zeroes
+        where the backing chain or shared data would show through."""
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        runs = self._map(first << bits, min((last + 1) << bits, self.size) - (first << bits))
+        for kind, start, stop, host, e in runs:
+            if kind == DATA and e & OFLAG_COPIED:
+                if not punch_hole(self.fd, host, stop - start):
+                    _pwrite(self.fd, bytes(stop - start), host)
+            elif kind == UNALLOC and (self.backing is None or start >= self.backing_size):
+                continue
+            else:
+                for pos in range(start, stop, 256 * cs):
+                    n = min(stop, pos + 256 * cs) - pos
+                    self._write_locked(pos, memoryview(bytes(n)))
+
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        bits = self.cluster_bits
+        l2_bits = self.l2_bits
+        first = offset >> bits
+        last = (end - 1) >> bits
+        pending = None
+        for l1_index in range(first >> l2_bits, (last >> l2_bits) + 1):
+            base = l1_index << l2_bits
+            lo = max(first, base) - base
+            hi = min(last + 1, base + self.l2_entries) - base
+            with self._lock:
+                l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+                if not l2_offset:
+                    continue
+                table = self._l2_cache.lookup(l2_offset)
+                if table is not None:
+                    raw = table.tobytes()  # zero or not does not depend on byte order
+                else:
+                    raw = _pread_exact(self.fd, self.cluster_size, l2_offset)
+                    table = array.array("Q")
+                    table.frombytes(raw)
+            runs = []
+            i = lo
+            while i < hi:
+                m = _NONZERO.search(raw, i * 8, hi * 8)
+                if m is None:
+                    break
+                i = m.start() >> 3
+                try:
+                    j = table.index(0, i, hi)
+                except ValueError:
+                    j = hi
+                runs.append((max(offset, (base + i) << bits), min(end, (base + j) << bits)))
+                i = j
+            for start, stop in runs:
+                if pending is not None and pending[1] == start:
+                    pending = (pending[0], stop)
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = (start, stop)
+        if pending is not None:
+            yield pending
+
+    # ------------------------------------------------------------------
+    # durability
+    # ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if not self.writable:
+            return
+        with self._lock:
+            if self.fd < 0:
+                return
+            os.fdatasync(self.fd)
+            self._apply_frees()
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd < 0:
+                return
+            try:
+                if self.writable and self._write_started:
+                    self._apply_frees()
+                    if self._pool_next < self._pool_end:
+                        # give the unused pool back and cut it off the file
+                        self._rc_change({c: -1 for c in range(self._pool_next, self._pool_end)})
+                        os.fdatasync(self.fd)
+                        if os.fstat(self.fd).st_size <= self._pool_end * self.cluster_size:
+                            os.ftruncate(self.fd, self._pool_next * self.cluster_size)
+                        self._frontier = self._pool_end = self._pool_next
+                    os.fdatasync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+                if self.backing is not None:
+                    self.backing.close()
+                    self.backing = None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
