@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import os
 import re
 import struct
@@ -98,6 +99,7 @@ MAGIC = b"QFI\xfb"
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
+EXT_BITMAPS = 0x23852875
 
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
@@ -136,6 +138,7 @@ _HEADER = struct.Struct(">4sIQIIQIIQQIIQ")   # the 72 bytes of a version 2 heade
 _HEADER3 = struct.Struct(">QQQII")           # bytes 72..103 of version 3
 _BIG = sys.byteorder == "big"
 _NONZERO = re.compile(rb"[^\x00]")
+log = logging.getLogger("snapfs")
 _IOV_MAX = 1024
 try:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
@@ -393,6 +396,7 @@ class Qcow2Image(Image):
         # header extensions
         backing_format = None
         feature_names = {}
+        extensions = []
         pos = header_length
         while pos + 8 <= cs:
             ext_type, ext_len = struct.unpack_from(">II", first, pos)
@@ -401,6 +405,7 @@ class Qcow2Image(Image):
             data = first[pos + 8:pos + 8 + ext_len]
             if len(data) < ext_len:
                 raise self._refuse("invalid header extension (runs past the first cluster)")
+            extensions.append((ext_type, data))
             if ext_type == EXT_BACKING_FORMAT:
                 backing_format = data.decode("utf-8", "replace")
             elif ext_type == EXT_FEATURE_NAMES:
@@ -465,6 +470,8 @@ class Qcow2Image(Image):
         self.reft_clusters = reft_clusters
         self.refcount_order = refcount_order
         self.autoclear = autoclear
+        self._header_length = header_length
+        self._extensions = extensions
         self.compat = compat
         self.incompat = incompat
         self.nb_snapshots = nb_snapshots
@@ -880,12 +887,61 @@ class Qcow2Image(Image):
             return
         if not self.writable:
             raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
-        if self.autoclear:
-            # the spec: clear unknown autoclear bits before the first write
-            _pwrite(self.fd, bytes(8), 88)
-            os.fdatasync(self.fd)
-            self.autoclear = 0
+        if self.autoclear or any(t == EXT_BITMAPS for t, _ in self._extensions):
+            self._drop_bitmaps()
         self._write_started = True
+
+    def _drop_bitmaps(self) -> None:
+        """Before the first write: clear the autoclear bits (the spec demands
+        it of a writer that does not know them) and remove persistent bitmaps,
+        which this driver would not keep up to date; QEMU would ignore them
+        from then on and their clusters would leak, so free them cleanly."""
+        cs = self.cluster_size
+        bitmaps = [d for t, d in self._extensions if t == EXT_BITMAPS]
+        kept = [(t, d) for t, d in self._extensions if t != EXT_BITMAPS]
+        clusters: Counter = Counter()
+        names = []
+        for data in bitmaps:
+            if len(data) < 24:
+                raise self._corrupt("bitmaps header extension too short")
+            count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
+            directory = _pread_exact(self.fd, dir_size, dir_offset)
+            for c in range(dir_offset // cs, (dir_offset + dir_size + cs - 1) // cs):
+                clusters[c] += 1
+            pos = 0
+            for _ in range(count):
+                table_offset, table_size, _, _, _, name_size, extra_size = \
+                    struct.unpack_from(">QIIBBHI", directory, pos)
+                name_at = pos + 24 + extra_size
+                names.append(directory[name_at:name_at + name_size].decode("utf-8", "replace"))
+                pos = name_at + name_size
+                pos += -pos % 8
+                if table_size:
+                    for c in range(table_offset // cs,
+                                   (table_offset + table_size * 8 + cs - 1) // cs):
+                        clusters[c] += 1
+                    table = _be_array(_pread_exact(self.fd, table_size * 8, table_offset))
+                    for entry in table:
+                        if entry & L2E_OFFSET_MASK:
+                            clusters[(entry & L2E_OFFSET_MASK) // cs] += 1
+        # 1. the header: no autoclear bits, no bitmaps extension
+        exts = bytearray()
+        for ext_type, data in kept:
+            exts += struct.pack(">II", ext_type, len(data)) + data + bytes(-len(data) % 8)
+        exts += struct.pack(">II", EXT_END, 0)
+        head = bytearray(_pread_exact(self.fd, self._header_length - 88, 88))
+        head[0:8] = bytes(8)
+        _pwrite(self.fd, head + exts, 88)
+        os.fdatasync(self.fd)
+        self.autoclear = 0
+        self._extensions = kept
+        # 2. then the clusters the bitmaps used
+        if clusters:
+            self._punch_clusters(self._rc_change({c: -n for c, n in clusters.items()}))
+            os.fdatasync(self.fd)
+        if names:
+            log.warning("%s: removed persistent bitmap(s) %s: snapfs does not keep them "
+                        "up to date", self.path, ", ".join(names))
 
     def _l2_for_write(self, l1_index: int) -> array.array:
         """The L2 table of an L1 entry, allocated if needed and writable in
