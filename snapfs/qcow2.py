@@ -540,7 +540,12 @@ class Qcow2Image(Image):
                 seen.add((st.st_dev, st.st_ino))
                 self.backing = RawImage(path, fd, os.lseek(fd, 0, os.SEEK_END))
             else:
-                self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
+                try:
+                    self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
+                except UserError as e:
+                    # name the image the user opened, then the chain down to the problem
+                    problem = str(e).removeprefix(f"{path}: ")
+                    raise self._refuse(f"backing file {shown}: {problem}") from None
         except BaseException:
             os.close(fd)
             raise
