@@ -931,8 +931,10 @@ def samples_table(b: Bench) -> str:
         for system, values in b.extra.get(key, {}).items():
             if unit == "MiB":
                 values = [v / MiB for v in values]
-            lines.append(f"| {label} | {system} | {unit} | {statistics.median(values):,.2f} | "
-                         + ", ".join(f"{v:,.2f}" for v in values) + " |")
+            digits = 2 if unit else 0
+            lines.append(f"| {label} | {system} | {unit} | "
+                         f"{statistics.median(values):,.{digits}f} | "
+                         + ", ".join(f"{v:,.{digits}f}" for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1025,8 +1027,8 @@ distribution, doing the same job on the same images:
 ## How to run it
 
 As root, on the machine to describe: `scripts/bench` (it installs QEMU, fio and
-the venv through `scripts/setup`, then takes a while: about half an hour for
-the default 1 GiB image and 3 repetitions on 2 cores). Options: `--size 1G`,
+the venv through `scripts/setup`; then about 4 minutes for the default 1 GiB
+image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
@@ -1056,7 +1058,11 @@ write,copy,top,memory` to run part of it.
 - snapfs' background copy times include its start-up (`snapfs mount` until
   `snapfs wait` returns); QEMU's start at `blockdev-backup`, with the daemon
   already running. The TOP ÷ FULL row leaves snapfs' start-up out, so that it
-  compares the copies alone.
+  compares the copies alone. `snapfs wait` polls every 0.1 s: snapfs' copy
+  times may run up to 0.1 s late.
+- The machine may be shared: the load average before and after the run is
+  under "Machine"; treat differences within the spread of the samples as
+  noise.
 - The "Target" column holds the goals set for snapfs; "Met" says whether the
   median reaches them.
 """
@@ -1144,6 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
     bench = Bench(args)
     description = machine() + machine_disk(bench.workdir) + versions()
+    load_before = os.getloadavg()
     started = time.monotonic()
     try:
         bench.run()
@@ -1166,7 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for f in bench.failures:
         print(f"FAILED: {f}")
-    write_report(bench, rows, args.output, time.monotonic() - started, description)
+    load = ", ".join(f"{x:.2f}" for x in load_before) + " before; " + ", ".join(
+        f"{x:.2f}" for x in os.getloadavg()) + " after (1, 5, 15 min)"
+    write_report(bench, rows, args.output, time.monotonic() - started,
+                 description + [("load average", load)])
     log(f"report written to {args.output}")
     return 1 if bench.failures else 0
 
