@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 from pathlib import Path
 
@@ -776,70 +775,95 @@ def test_bitmaps_are_dropped_cleanly_on_first_write(tmp_path):
 # crashes
 # ----------------------------------------------------------------------
 
-CHILD = textwrap.dedent("""
-    import os, random, signal, sys
-    path, kill_at, seed, cs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    calls = [0]
+# about 4 MiB: at 512 B clusters the first pool reservation grows the refcount
+# table, at 4 KiB it adds a refcount block
+REGIONS, REGION = 40, 100 * KiB
+SYSCALLS = ("pwrite", "pwritev", "fdatasync", "ftruncate")
 
-    def crashing(fn):
+
+def _workload(path, progress, kill_at=0, trace=None):
+    """Write REGIONS distinct regions (some zeroed, a flush now and then),
+    reporting each completed one on the `progress` fd. With `kill_at`, SIGKILL
+    this process just before its kill_at-th write/sync/truncate call."""
+    calls = 0
+
+    def crashing(name, fn):
         def call(*args):
-            calls[0] += 1
-            if calls[0] == kill_at:
+            nonlocal calls
+            calls += 1
+            if trace is not None:
+                trace.append(name)
+            if calls == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args)
         return call
 
-    for name in ("pwrite", "pwritev", "fdatasync", "ftruncate", "fallocate"):
-        if hasattr(os, name):
-            setattr(os, name, crashing(getattr(os, name)))
-    from snapfs.qcow2 import Qcow2Image
-
-    rng = random.Random(seed)
-    img = Qcow2Image.open(path, writable=True)
-    region = 0
-    for i in range(REGIONS):
-        start = i * REGION
-        length = REGION - rng.randrange(0, 700)
-        if i % 7 == 3:
-            img.write_zeroes(start, length)
-        else:
-            img.write(start, bytes([i % 251 + 1]) * length)
-        if i % 10 == 9:
-            img.flush()
-        print(i, length, flush=True)
-    img.close()
-    print("closed", calls[0], flush=True)
-""")
-
-
-def _run_child(path, kill_at, seed, cs, regions, region):
-    code = CHILD.replace("REGIONS", str(regions)).replace("REGION", str(region))
-    return subprocess.run([sys.executable, "-c", code, str(path), str(kill_at), str(seed),
-                           str(cs)], capture_output=True, text=True, timeout=60)
+    saved = {name: getattr(os, name) for name in SYSCALLS}
+    for name in SYSCALLS:
+        setattr(os, name, crashing(name, saved[name]))
+    try:
+        rng = random.Random(1)
+        img = Qcow2Image.open(str(path), writable=True)
+        for i in range(REGIONS):
+            start = i * REGION
+            length = REGION - rng.randrange(0, 700)
+            if i % 7 == 3:
+                img.write_zeroes(start, length)
+            else:
+                img.write(start, bytes([i % 251 + 1]) * length)
+            if i % 10 == 9:
+                img.flush()
+            os.write(progress, f"{i} {length}\n".encode())
+        img.close()
+    finally:
+        for name in SYSCALLS:
+            setattr(os, name, saved[name])
 
 
-def _verify_after_crash(path, output, before, regions, region):
+def _fork_workload(path, kill_at=0, kill_after_regions=None) -> tuple[int, str]:
+    """Run the workload in a forked child; return its wait status and progress."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            _workload(path, write_end, kill_at)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    output = b""
+    with os.fdopen(read_end, "rb") as progress:
+        for line in progress:
+            output += line
+            if kill_after_regions is not None and output.count(b"\n") == kill_after_regions:
+                os.kill(pid, signal.SIGKILL)    # kill -9 from outside, mid-way
+                kill_after_regions = None
+    _, status = os.waitpid(pid, 0)
+    return status, output.decode()
+
+
+def _verify_after_crash(path, output, before):
     result = check(path)
     assert result.returncode in (0, 3), result.stdout + result.stderr
     assert "ERROR" not in result.stdout + result.stderr
     done = {}
     for line in output.splitlines():
-        parts = line.split()
-        if parts and parts[0].isdigit():
-            done[int(parts[0])] = int(parts[1])
+        i, length = map(int, line.split())
+        done[i] = length
     img = Qcow2Image.open(str(path))
     try:
         data = img.read(0, img.size)
     finally:
         img.close()
-    assert data == as_raw(path)
-    for i in range(regions):
-        start = i * region
+    for i in range(REGIONS):
+        start = i * REGION
         if i in done:       # completed before the crash: there for good
             fill = bytes(done[i]) if i % 7 == 3 else bytes([i % 251 + 1]) * done[i]
             assert data[start:start + done[i]] == fill, i
         elif i > len(done):  # never started: untouched
-            assert data[start:start + region] == before[start:start + region], i
+            assert data[start:start + REGION] == before[start:start + REGION], i
 
 
 @pytest.mark.parametrize("cs, v2, backing", [(512, False, False), (64 * KiB, False, True),
@@ -847,10 +871,10 @@ def _verify_after_crash(path, output, before, regions, region):
                          ids=["512-v3", "64k-v3-backing", "4k-v2-backing"])
 def test_crash_leaves_no_corruption(tmp_path, cs, v2, backing):
     """Kill the writer (SIGKILL) just before its k-th write/sync/truncate
-    system call, for k spread over the whole run, and once from outside at
-    an arbitrary moment: qemu-img check must find leaks at worst."""
-    regions, region = 60, 160 * KiB       # about 10 MiB: grows the refcount table at 512 B
-    size = regions * region
+    system call, for k all over the ordering-sensitive parts of the run and
+    at random, and once from outside at an arbitrary moment: qemu-img check
+    must find leaks at worst, and every completed write must be there."""
+    size = REGIONS * REGION
     template = tmp_path / "template.qcow2"
     if backing:
         qemu_create(tmp_path / "base.qcow2", size, cs=cs, v2=v2)
@@ -861,36 +885,35 @@ def test_crash_leaves_no_corruption(tmp_path, cs, v2, backing):
         qemu_create(template, size, cs=cs, v2=v2)
     before = as_raw(template)
 
+    # a whole run, tracing the system calls
     full = tmp_path / "full.qcow2"
     shutil.copyfile(template, full)
-    result = _run_child(full, 0, 1, cs, regions, region)
-    assert result.returncode == 0, result.stderr
-    total_calls = int(result.stdout.split()[-1])
+    calls: list = []
+    read_end, write_end = os.pipe()
+    try:
+        _workload(full, write_end, trace=calls)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
     assert_clean(full)
+    if cs == 512:   # the run moved the refcount table
+        assert header_field(full, 48, ">Q") != header_field(template, 48, ">Q")
 
+    # every call in a window before each sync or truncate (where pool
+    # reservations, refcount table moves, deferred frees and close put their
+    # ordered writes) and just after it, plus random ones
+    syncs = [k for k, name in enumerate(calls, 1) if name in ("fdatasync", "ftruncate")]
+    points = {k + d for k in syncs for d in range(-4, 2) if 1 <= k + d <= len(calls)}
     rng = random.Random(cs)
-    kill_points = sorted({1, 2, 3, total_calls - 1, *rng.sample(range(4, total_calls - 1), 9)})
-    for kill_at in kill_points:
-        image = tmp_path / f"crash{kill_at}.qcow2"
+    points |= set(rng.sample(range(1, len(calls) + 1), 10))
+    image = tmp_path / "crash.qcow2"
+    for kill_at in sorted(points):
         shutil.copyfile(template, image)
-        result = _run_child(image, kill_at, 1, cs, regions, region)
-        assert result.returncode == -signal.SIGKILL, (kill_at, result.stderr)
-        _verify_after_crash(image, result.stdout, before, regions, region)
-        image.unlink()
+        status, output = _fork_workload(image, kill_at)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, kill_at
+        _verify_after_crash(image, output, before)
 
-    # kill -9 from outside, mid-way through
-    image = tmp_path / "outside.qcow2"
     shutil.copyfile(template, image)
-    code = CHILD.replace("REGIONS", str(regions)).replace("REGION", str(region))
-    child = subprocess.Popen([sys.executable, "-c", code, str(image), "0", "1", str(cs)],
-                             stdout=subprocess.PIPE, text=True)
-    lines = []
-    for line in child.stdout:
-        lines.append(line)
-        if len(lines) == regions // 2:
-            child.send_signal(signal.SIGKILL)
-            break
-    child.wait()
-    lines.extend(child.stdout.read().splitlines(keepends=True))
-    assert child.returncode == -signal.SIGKILL
-    _verify_after_crash(image, "".join(lines), before, regions, region)
+    status, output = _fork_workload(image, kill_after_regions=REGIONS // 2)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    _verify_after_crash(image, output, before)
