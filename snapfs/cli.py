@@ -19,8 +19,10 @@ import time
 from snapfs import control
 from snapfs.copymap import state_path
 from snapfs.errors import UserError
+from snapfs.image import FORMATS, open_image
 from snapfs.job import SYNC_MODES
 
+QCOW2_MAGIC = b"QFI\xfb"
 MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 2 << 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -76,12 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     mount = commands.add_parser("mount", help="mount SOURCE as a live disk and its snapshot")
-    mount.add_argument("source", metavar="SOURCE", help="the disk image (raw)")
+    mount.add_argument("source", metavar="SOURCE", help="the disk image")
     mount.add_argument("live", metavar="LIVE", help="directory where the live disk appears")
     mount.add_argument("snapshot", metavar="SNAPSHOT",
                        help="directory where the point-in-time image appears")
     mount.add_argument("--target", required=True, metavar="TARGET",
                        help="the backup target file to create (sparse raw)")
+    mount.add_argument("--format", choices=FORMATS,
+                       help="SOURCE's format (default raw; never guessed from its contents)")
+    mount.add_argument("--target-format", choices=FORMATS,
+                       help="TARGET's format (default: SOURCE's format)")
     mount.add_argument("--sync", choices=SYNC_MODES, default="full",
                        help="what the background copy copies (default: full)")
     mount.add_argument("--cluster-size", type=_cluster_size, default=64 << 10, metavar="SIZE",
@@ -133,6 +139,17 @@ def check_mount_args(args) -> "MountConfig":
                         f"{e.strerror}") from None
     if st.st_size == 0:
         raise UserError(f"source {args.source}: empty image")
+    fmt = args.format or "raw"
+    if fmt == "raw":
+        with open(source, "rb") as f:
+            looks_qcow2 = f.read(4) == QCOW2_MAGIC
+        if looks_qcow2 and args.format is None:
+            raise UserError(f"source {args.source}: starts with the qcow2 magic; give "
+                            "--format qcow2 for its guest view, or --format raw for its bytes")
+        if looks_qcow2:
+            print(f"snapfs: warning: source {args.source} starts with the qcow2 magic; "
+                  "using its bytes as a raw disk, as --format raw asks", file=sys.stderr)
+    open_image(source, fmt, writable=True).close()  # refuses what the driver cannot serve
 
     live, snapshot = (_check_mount_point(p, what) for p, what in
                       ((args.live, "LIVE"), (args.snapshot, "SNAPSHOT")))
@@ -167,7 +184,7 @@ def check_mount_args(args) -> "MountConfig":
                 raise UserError(f"target {path}: exists and is not a regular file")
     return MountConfig(source=source, live=live, snapshot=snapshot, target=target,
                        sync=args.sync, cluster_size=args.cluster_size, speed=args.speed,
-                       force=args.force)
+                       force=args.force, format=fmt, target_format=args.target_format or fmt)
 
 
 def _check_mount_point(path: str, what: str) -> str:

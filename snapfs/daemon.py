@@ -40,9 +40,10 @@ from snapfs.copymap import CopyMap, state_path
 from snapfs.errors import UserError
 from snapfs.fuse_live import LiveOperations
 from snapfs.fuse_snapshot import SnapshotOperations
-from snapfs.image import create_image, open_image
+from snapfs.image import open_image
 from snapfs.job import BackupJob
 from snapfs.snapshot import SnapshotReader
+from snapfs.target import create_target
 
 log = logging.getLogger("snapfs")
 
@@ -65,6 +66,8 @@ class MountConfig:
     cluster_size: int = 64 * 1024
     speed: int | None = None
     force: bool = False
+    format: str = "raw"
+    target_format: str = "raw"
 
     @property
     def name(self) -> str:
@@ -145,6 +148,8 @@ class LiveDaemon:
         return {
             "state": job.state,
             "sync": cfg.sync,
+            "format": cfg.format,
+            "target_format": cfg.target_format,
             "bytes_total": job.bytes_total,
             "bytes_done": job.bytes_done,
             "clusters_copied_by_writes": engine.clusters_copied_by_writes,
@@ -176,14 +181,16 @@ class LiveDaemon:
     async def run(self) -> None:
         cfg = self.cfg
         lock_fd = _lock_source(cfg.source)
-        source = open_image(cfg.source, writable=True)
+        source = open_image(cfg.source, cfg.format, writable=True)
         created: list[str] = []
         target = copymap = None
         try:
-            target = create_image(cfg.target, source.size, overwrite=cfg.force)
+            target = create_target(cfg.target, source, cfg.format, cfg.target_format, cfg.sync,
+                                   cfg.cluster_size, overwrite=cfg.force)
             created.append(cfg.target)
             copymap = CopyMap.create(state_path(cfg.target), source.size, cfg.cluster_size,
                                      {"source": cfg.source, "target": cfg.target,
+                                      "format": cfg.format, "target_format": cfg.target_format,
                                       "sync": cfg.sync, "state": "running"},
                                      overwrite=cfg.force)
             created.append(copymap.path)
@@ -308,8 +315,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
-    source = open_image(cfg.source, writable=False)
-    target = open_image(cfg.target, writable=False)
+    source = open_image(cfg.source, cfg.format, writable=False)
+    target = open_image(cfg.target, cfg.target_format, writable=False)
     copymap = CopyMap.open(state_path(cfg.target))
     try:
         reader = SnapshotReader(source, target, copymap)

@@ -1,0 +1,48 @@
+"""The backup target: the image that receives the point-in-time clusters.
+
+A raw target is a sparse file of the source's size: clusters not copied are
+holes. A qcow2 target is laid out per sync mode, as QEMU's drive-backup does:
+
+- full: a standalone image (no backing file);
+- top: backed by the source's backing file, so that with the clusters of the
+  source's top layer it is the whole point-in-time image;
+- none: backed by the source itself (meaningful only while mounted).
+
+Its cluster size is snapfs's cluster size, so that every copy fills whole
+target clusters and never reads the target's backing file.
+"""
+
+from __future__ import annotations
+
+import os
+
+from snapfs.image import Image, create_image
+
+
+def backing_for(sync: str, source: Image, source_format: str,
+                target_path: str) -> tuple[str | None, str | None]:
+    """(backing file name to store in a qcow2 target, its format)."""
+    if sync == "none":
+        return _name_from(target_path, source.path), source_format
+    if sync == "top" and getattr(source, "backing", None) is not None:
+        return _name_from(target_path, source.backing.path), source.backing_format
+    return None, None
+
+
+def _name_from(target_path: str, backing_path: str) -> str:
+    """How the target names its backing file: the plain name when both lie in
+    one directory, else the absolute path."""
+    backing_path = os.path.abspath(backing_path)
+    if os.path.dirname(backing_path) == os.path.dirname(os.path.abspath(target_path)):
+        return os.path.basename(backing_path)
+    return backing_path
+
+
+def create_target(path: str, source: Image, source_format: str, target_format: str,
+                  sync: str, cluster_size: int, overwrite: bool) -> Image:
+    backing_file = backing_format = None
+    if target_format == "qcow2":
+        backing_file, backing_format = backing_for(sync, source, source_format, path)
+    return create_image(path, source.size, target_format, overwrite=overwrite,
+                        cluster_size=cluster_size, backing_file=backing_file,
+                        backing_format=backing_format)
