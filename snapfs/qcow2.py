@@ -28,9 +28,9 @@ refcount-0 clusters inside the file (freed clusters) stay free and their space
 is given back with `fallocate(PUNCH_HOLE)`. Allocation takes clusters from a
 *reserved pool*: a run of clusters past the end of the file whose refcounts
 have already been raised to 1 (and the file extended over them) and made
-durable with one `fdatasync`. The pool grows geometrically (8 MiB up to 128
-MiB) so that the fsync is rare; what is left of it is released (refcounts
-dropped, file truncated) by `close`.
+durable with one `fdatasync`. The pool grows geometrically (from 8 MiB, by
+doubling, up to 128 MiB or 65536 clusters) so that the fsync is rare; what is
+left of it is released (refcounts dropped, file truncated) by `close`.
 
 Crash guarantees
 ----------------
@@ -892,7 +892,8 @@ class Qcow2Image(Image):
             return
         if not self.writable:
             raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
-        if self.autoclear or any(t == EXT_BITMAPS for t, _ in self._extensions):
+        if self.version >= 3 and (self.autoclear or
+                                  any(t == EXT_BITMAPS for t, _ in self._extensions)):
             self._drop_bitmaps()
         self._write_started = True
 
@@ -1317,8 +1318,7 @@ class Qcow2Image(Image):
         with self._lock:
             if self.fd < 0:
                 return
-            os.fdatasync(self.fd)
-            self._apply_frees()
+            self._apply_frees()     # syncs first if it has anything to do
             os.fdatasync(self.fd)
 
     def close(self) -> None:

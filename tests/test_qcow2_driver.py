@@ -607,8 +607,17 @@ def _aes(tmp):
 
 def _luks(tmp):
     path = tmp / "x.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=123456",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path, MiB)
+    for _ in range(3):   # qemu-img's PBKDF benchmark fails now and then in containers
+        result = run("qemu-img", "create", "-q", "-f", "qcow2", "--object",
+                     "secret,id=s0,data=123456", "-o",
+                     "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                     path, MiB, ok=(0, 1))
+        if result.returncode == 0:
+            break
+    else:                # a crafted one then: crypt_method 2 (LUKS)
+        qemu_create(path, MiB)
+        patch(path, 32, ">I", 2)
+    assert header_field(path, 32, ">I") == 2
     return path
 
 
