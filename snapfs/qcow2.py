@@ -65,6 +65,16 @@ makes everything written so far durable.
 
 The dirty bit is never set (refcounts are never lower than the references).
 
+Readers in other processes
+--------------------------
+A read-only image (the top of a chain; backing files are taken to be
+unchanging) may be written meanwhile by another process through this driver:
+snapfs's snapshot process reads the backup target that the live process
+fills. Such a reader re-reads, for each request, the L2 entries it covers
+(and an L1 entry it has seen as 0) from the file, so it sees every write that
+completed before the request; it relies on this driver's writer never moving
+L2 tables and never reusing host clusters.
+
 Threads
 -------
 One `threading.Lock` protects the metadata. Reads and writes of clusters that
@@ -350,6 +360,9 @@ class Qcow2Image(Image):
         self._lock = threading.Lock()
         st = os.fstat(fd)
         seen.add((st.st_dev, st.st_ino))
+        # a read-only top image may be written meanwhile by another process
+        # (the snapshot process reads the target the live process writes)
+        self._follow = not writable and depth == 0
         try:
             self._read_header(st.st_size)
             if writable:
@@ -580,6 +593,27 @@ class Qcow2Image(Image):
             self._l2_cache.put(offset, table)
         return table
 
+    def _l2_fresh(self, l1_index: int, lo: int, hi: int) -> array.array | None:
+        """The L2 table of an L1 entry with entries [lo, hi) read again from
+        the file: for a read-only image that another process may be writing.
+
+        With this driver as the writer, an L1 entry only changes from 0 to an
+        L2 table that never moves, host clusters are never reused, and every
+        entry is 8-byte aligned and written whole, so fresh entries are all a
+        reader needs to see every write that completed before its read."""
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        if not offset:
+            e = int.from_bytes(_pread_exact(self.fd, 8, self.l1_offset + l1_index * 8), "big")
+            if not e & L1E_OFFSET_MASK:
+                return None
+            self.l1[l1_index] = e
+            return self._l2_table(l1_index)      # not cached: read now
+        table = self._l2_cache.lookup(offset)
+        if table is None:
+            return self._l2_table(l1_index)
+        table[lo:hi] = _be_array(_pread_exact(self.fd, (hi - lo) * 8, offset + lo * 8))
+        return table
+
     def _write_l2_entries(self, l1_index: int, table: array.array, first: int, end: int) -> None:
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
         _pwrite(self.fd, _be_bytes(table[first:end]), offset + first * 8)
@@ -604,7 +638,11 @@ class Qcow2Image(Image):
         while c <= last:
             l1_index = c >> l2_bits
             seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
-            table = self._l2_table(l1_index)
+            base = l1_index << l2_bits
+            if self._follow:
+                table = self._l2_fresh(l1_index, c - base, seg_last + 1 - base)
+            else:
+                table = self._l2_table(l1_index)
             if table is None:
                 start = max(offset, c << bits)
                 stop = min(end, (seg_last + 1) << bits)
@@ -614,7 +652,6 @@ class Qcow2Image(Image):
                     runs.append([UNALLOC, start, stop, 0, 0])
                 c = seg_last + 1
                 continue
-            base = l1_index << l2_bits
             for cc in range(c, seg_last + 1):
                 e = table[cc - base]
                 start = cc << bits
@@ -1275,10 +1312,12 @@ class Qcow2Image(Image):
             lo = max(first, base) - base
             hi = min(last + 1, base + self.l2_entries) - base
             with self._lock:
+                if self._follow and not self.l1[l1_index] & L1E_OFFSET_MASK:
+                    self._l2_fresh(l1_index, lo, hi)
                 l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
                 if not l2_offset:
                     continue
-                table = self._l2_cache.lookup(l2_offset)
+                table = None if self._follow else self._l2_cache.lookup(l2_offset)
                 if table is not None:
                     raw = table.tobytes()  # zero or not does not depend on byte order
                 else:

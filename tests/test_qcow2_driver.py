@@ -573,6 +573,47 @@ def test_two_threads_on_distinct_ranges_of_shared_clusters(tmp_path):
     assert_identical(top, model)
 
 
+def test_reader_follows_a_writer(tmp_path):
+    """A read-only instance opened (and its caches filled) before another
+    instance writes, as snapfs's snapshot process reads the target the live
+    process fills, sees every completed write: new L2 tables, new entries in
+    cached tables, zero flags."""
+    cs = 4 * KiB
+    qemu_create(tmp_path / "base.qcow2", 8 * MiB, cs=cs)
+    qemu_io(tmp_path / "base.qcow2", f"write -P 0x42 0 {8 * MiB}")
+    path = tmp_path / "target.qcow2"
+    writer = Qcow2Image.create(str(path), 8 * MiB, cluster_size=cs,
+                               backing_file="base.qcow2", backing_format="qcow2")
+    model = bytearray(b"\x42" * (8 * MiB))
+    writer.write(0, b"\x01" * cs)
+    model[0:cs] = b"\x01" * cs
+    reader = Qcow2Image.open(str(path))
+    try:
+        rng = random.Random(3)
+        assert reader.read(0, reader.size) == model      # fills the reader's caches
+        for _ in range(300):
+            cluster = rng.randrange(reader.size // cs)
+            offset = cluster * cs
+            if rng.random() < 0.2:
+                writer.write_zeroes(offset, cs)
+                model[offset:offset + cs] = bytes(cs)
+            else:
+                data = rng.randbytes(cs)
+                writer.write(offset, data)
+                model[offset:offset + cs] = data
+            assert reader.read(offset, cs) == model[offset:offset + cs]
+            probe = rng.randrange(reader.size - 3 * cs)
+            assert reader.read(probe, 3 * cs) == model[probe:probe + 3 * cs]
+        assert reader.read(0, reader.size) == model
+        assert list(reader.data_extents(0, reader.size)) == \
+            list(writer.data_extents(0, writer.size))
+    finally:
+        reader.close()
+        writer.close()
+    assert_clean(path)
+    assert_identical(path, model)
+
+
 # ----------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------
