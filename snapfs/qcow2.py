@@ -1042,7 +1042,20 @@ class Qcow2Image(Image):
             self._read_backing_into(part, start, stop)
         elif kind == COMPRESSED:
             skip = start & (self.cluster_size - 1)
-            part[:] = self._read_compressed(entry)[skip:skip + stop - start]
+            try:
+                data = self._read_compressed(entry)
+            except OSError:
+                if not self._follow:
+                    raise
+                # the writer may have rewritten the cluster and freed (punched)
+                # its old compressed data since we looked it up: look again
+                with self._lock:
+                    runs = self._map(start, stop - start)
+                if runs == [[COMPRESSED, start, stop, 0, entry]]:
+                    raise
+                part[:] = self.read(start, stop - start)
+                return
+            part[:] = data[skip:skip + stop - start]
 
     def read(self, offset: int, length: int) -> bytes:
         if length <= 0:

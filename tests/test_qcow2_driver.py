@@ -614,6 +614,35 @@ def test_reader_follows_a_writer(tmp_path):
     assert_identical(path, model)
 
 
+def test_reader_survives_compressed_cluster_freed_under_it(tmp_path):
+    """The reader looks a compressed cluster up; before it reads the data the
+    writer rewrites the cluster and frees (punches) the old compressed data:
+    the reader looks again instead of failing to decompress."""
+    path = tmp_path / "c.qcow2"
+    qemu_create(path, MiB)
+    qemu_io(path, "write -c -P 0x61 0 64k")
+    reader = Qcow2Image.open(str(path))
+    writer = Qcow2Image.open(str(path), writable=True)
+    original = reader._read_compressed
+    raced = []
+
+    def racing(entry):
+        if not raced:
+            raced.append(entry)
+            writer.write(0, b"\x62" * 64 * KiB)
+            writer.flush()                  # frees and punches the compressed data
+        return original(entry)
+
+    reader._read_compressed = racing
+    try:
+        assert reader.read(0, 64 * KiB) == b"\x62" * 64 * KiB
+        assert raced
+    finally:
+        reader.close()
+        writer.close()
+    assert_clean(path)
+
+
 # ----------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------
