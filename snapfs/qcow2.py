@@ -551,7 +551,9 @@ class Qcow2Image(Image):
                 raise self._refuse(f"backing chain loop: {shown} is already in the chain")
             if fmt == "raw":
                 seen.add((st.st_dev, st.st_ino))
-                self.backing = RawImage(path, fd, os.lseek(fd, 0, os.SEEK_END))
+                os.close(fd)
+                fd = -1
+                self.backing = RawImage.open(path, writable=False)
             else:
                 try:
                     self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
@@ -560,7 +562,8 @@ class Qcow2Image(Image):
                     problem = str(e).removeprefix(f"{path}: ")
                     raise self._refuse(f"backing file {shown}: {problem}") from None
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         self.backing_size = self.backing.size
 
