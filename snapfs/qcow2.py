@@ -1310,9 +1310,10 @@ class Qcow2Image(Image):
             elif kind == UNALLOC and (self.backing is None or start >= self.backing_size):
                 continue
             else:
-                for pos in range(start, stop, 256 * cs):
-                    n = min(stop, pos + 256 * cs) - pos
-                    self._write_locked(pos, memoryview(bytes(n)))
+                step = max(cs, (4 << 20) // cs * cs)
+                zeroes = memoryview(bytes(min(step, stop - start)))
+                for pos in range(start, stop, step):
+                    self._write_locked(pos, zeroes[:min(stop, pos + step) - pos])
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         end = min(offset + length, self.size)
