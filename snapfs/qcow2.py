@@ -156,8 +156,7 @@ except (ValueError, OSError):
     pass
 
 _COMPRESSION_NAMES = {1: "zstd"}
-_INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file",
-                   3: "compression type", 4: "extended L2 entries"}
+
 
 
 def _be_array(raw: bytes) -> array.array:
