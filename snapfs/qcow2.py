@@ -158,7 +158,6 @@ except (ValueError, OSError):
 _COMPRESSION_NAMES = {1: "zstd"}
 
 
-
 def _be_array(raw: bytes) -> array.array:
     """An array of unsigned 64-bit ints from big-endian bytes."""
     arr = array.array("Q")
