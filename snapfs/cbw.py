@@ -17,6 +17,7 @@ can start on its clusters in between.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -45,6 +46,7 @@ class CopyBeforeWrite:
         self.clusters_copied_by_writes = 0
         self._claims: list[Claim] = []
         self._zero_cluster = bytes(self.cluster_size)
+        self._buffers = threading.local()
 
     def cluster_span(self, offset: int, length: int) -> tuple[int, int]:
         """The clusters [first, end) that bytes [offset, offset+length) touch."""
@@ -81,14 +83,14 @@ class CopyBeforeWrite:
         all-zero clusters unallocated. Does not touch the copy map."""
         cs = self.cluster_size
         start = first * cs
-        data = self.source.read(start, min(end * cs, self.size) - start)
-        view = memoryview(data)
-        length = len(data)
+        length = min(end * cs, self.size) - start
+        view = self._buffer(length)
+        self.source.readinto(start, view)
         pos = 0
         while pos < length:
-            zero = self._is_zero(data, pos)
+            zero = self._is_zero(view, pos)
             stop = pos + cs
-            while stop < length and self._is_zero(data, stop) == zero:
+            while stop < length and self._is_zero(view, stop) == zero:
                 stop += cs
             stop = min(stop, length)
             if zero:
@@ -97,11 +99,17 @@ class CopyBeforeWrite:
                 self.target.write(start + pos, view[pos:stop])
             pos = stop
 
-    def _is_zero(self, data: bytes, pos: int) -> bool:
-        cs = self.cluster_size
-        if pos + cs <= len(data):
-            return data.startswith(self._zero_cluster, pos, pos + cs)
-        return data.startswith(self._zero_cluster[:len(data) - pos], pos)
+    def _buffer(self, length: int) -> memoryview:
+        """A buffer of `length` bytes for the calling thread, reused from copy
+        to copy: fresh memory for every copy costs page faults."""
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < length:
+            buffer = self._buffers.buffer = bytearray(max(length, 1 << 20))
+        return memoryview(buffer)[:length]
+
+    def _is_zero(self, view: memoryview, pos: int) -> bool:
+        chunk = bytes(view[pos:pos + self.cluster_size])
+        return chunk == self._zero_cluster[:len(chunk)]
 
     # --- claims of the background job ----------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from typing import NamedTuple
 
 from snapfs.errors import UserError
 
@@ -30,34 +31,47 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
 
 
-def mount_table() -> list[tuple[str, str]]:
-    """(mount point, file system type) of every mount, oldest first."""
+class Mount(NamedTuple):
+    point: str
+    fstype: str
+    device: str  # "major:minor"
+
+
+def mount_table() -> list[Mount]:
+    """Every mount, oldest first."""
     table = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            table.append((_unescape(fields[4]), fields[sep + 1]))
+            table.append(Mount(_unescape(fields[4]), fields[sep + 1], fields[2]))
     return table
+
+
+def find_mount(path: str) -> Mount | None:
+    """The mount on `path` (an absolute path without symbolic links), if it is
+    a mount point (the top one). Looks at nothing but the mount table, so a
+    FUSE process may ask about its own mount point before serving it."""
+    found = None
+    for mount in mount_table():
+        if mount.point == path:
+            found = mount
+    return found
 
 
 def mount_type(path: str) -> str | None:
     """The type of the file system mounted on `path`, if `path` is a mount point."""
-    path = os.path.realpath(path)
-    found = None
-    for mountpoint, fstype in mount_table():
-        if mountpoint == path:
-            found = fstype  # the last one is on top
-    return found
+    mount = find_mount(os.path.realpath(path))
+    return mount.fstype if mount else None
 
 
 def snapfs_mount_containing(path: str) -> str | None:
     """The snapfs mount point that `path` lies in, if any."""
     path = os.path.realpath(path)
-    for mountpoint, fstype in mount_table():
-        if fstype in (LIVE_FSTYPE, SNAPSHOT_FSTYPE):
-            if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
-                return mountpoint
+    for mount in mount_table():
+        if mount.fstype in (LIVE_FSTYPE, SNAPSHOT_FSTYPE):
+            if path == mount.point or path.startswith(mount.point.rstrip("/") + "/"):
+                return mount.point
     return None
 
 

@@ -27,6 +27,11 @@ class Image(abc.ABC):
     def read(self, offset: int, length: int) -> bytes:
         """Return `length` bytes at `offset`; the range lies within the image."""
 
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` with the bytes at `offset` (the range lies within the
+        image). Drivers override this to read without an extra copy."""
+        buffer[:] = self.read(offset, len(buffer))
+
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of `data` at `offset`; the range lies within the image."""

@@ -77,6 +77,15 @@ class RawImage(Image):
             data += self._read_rest(offset + len(data), length - len(data))
         return data
 
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        while buffer:
+            done = os.preadv(self.fd, [buffer], offset)
+            if done == 0:  # the file shrank under us: treat the rest as zeroes
+                buffer[:] = bytes(len(buffer))
+                return
+            buffer = buffer[done:]
+            offset += done
+
     def _read_rest(self, offset: int, length: int) -> bytes:
         parts = []
         while length:

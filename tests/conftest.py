@@ -163,8 +163,8 @@ def mount(tmp_path):
 def no_leftover_mounts(tmp_path):
     """Fail a test that leaves a FUSE mount under its directory, and clean up."""
     yield
-    left = [mp for mp, fstype in control.mount_table()
-            if fstype.startswith("fuse") and mp.startswith(str(tmp_path))]
+    left = [m.point for m in control.mount_table()
+            if m.fstype.startswith("fuse") and m.point.startswith(str(tmp_path))]
     for mp in reversed(left):
         force_unmount(mp)
     assert not left, f"mounts left behind: {left}"

@@ -37,7 +37,7 @@ def setup(tmp_path):
 
 
 def mounts_under(root: Path) -> list:
-    return [entry for entry in control.mount_table() if entry[0].startswith(str(root))]
+    return [m for m in control.mount_table() if m.point.startswith(str(root))]
 
 
 def refuse(root: Path, *args, expect: str) -> str:
