@@ -175,11 +175,12 @@ def _be_bytes(arr: array.array) -> bytes:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill `view` from the file at `offset`; past the end of the file the
-    view is left as it is (callers pass zeroed buffers)."""
+    """Fill `view` from the file at `offset`; past the end of the file with
+    zeroes."""
     while len(view):
         n = os.preadv(fd, [view], offset)
         if n <= 0:
+            view[:] = bytes(len(view))
             return
         view = view[n:]
         offset += n
@@ -1029,10 +1030,18 @@ class Qcow2Image(Image):
         return data
 
     def _read_backing_into(self, view: memoryview, start: int, stop: int) -> None:
-        """Guest bytes [start, stop) of the backing chain into `view` (zeroed)."""
-        end = min(stop, self.backing_size)
-        if self.backing is not None and start < end:
-            view[:end - start] = self.backing.read(start, end - start)
+        """Guest bytes [start, stop) of the backing chain into view[:stop-start],
+        zeroes where the chain does not reach."""
+        end = min(stop, self.backing_size) if self.backing is not None else start
+        if start < end:
+            part = view[:end - start]
+            readinto = getattr(self.backing, "readinto", None)
+            if readinto is not None:
+                readinto(start, part)
+            else:
+                part[:] = self.backing.read(start, end - start)
+        if max(start, end) < stop:
+            view[max(start, end) - start:stop - start] = bytes(stop - max(start, end))
 
     def _read_run(self, run: list, view: memoryview, offset: int) -> None:
         kind, start, stop, host, entry = run
@@ -1041,7 +1050,9 @@ class Qcow2Image(Image):
             _pread_into(self.fd, part, host)
         elif kind == UNALLOC:
             self._read_backing_into(part, start, stop)
-        elif kind == COMPRESSED:
+        elif kind == ZERO:
+            part[:] = bytes(len(part))
+        else:
             skip = start & (self.cluster_size - 1)
             try:
                 data = self._read_compressed(entry)
@@ -1054,36 +1065,50 @@ class Qcow2Image(Image):
                     runs = self._map(start, stop - start)
                 if runs == [[COMPRESSED, start, stop, 0, entry]]:
                     raise
-                part[:] = self.read(start, stop - start)
+                self._read_into(start, part)
                 return
             part[:] = data[skip:skip + stop - start]
 
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        view = memoryview(buf)
+    def _read_into(self, offset: int, view: memoryview, as_bytes: bool = False) -> bytes | None:
+        """Read the guest range at `offset` into `view`. With `as_bytes`, a
+        range that is one run of host bytes is returned (read without a copy)
+        instead."""
         later = []
         with self._lock:
-            runs = self._map(offset, length)
-            if len(runs) == 1 and runs[0][0] == DATA and (
-                    runs[0][4] & OFLAG_COPIED or not self.writable):
+            runs = self._map(offset, len(view))
+            if (as_bytes and len(runs) == 1 and runs[0][0] == DATA and
+                    (runs[0][4] & OFLAG_COPIED or not self.writable)):
                 host = runs[0][3]
-                runs = None
             else:
+                host = None
                 for run in runs:
                     # compressed and shared clusters can be freed by a concurrent
                     # rewrite of another part of them: read those under the lock
                     if self.writable and (run[0] == COMPRESSED or
                                           (run[0] == DATA and not run[4] & OFLAG_COPIED)):
                         self._read_run(run, view, offset)
-                    elif run[0] != ZERO:
+                    else:
                         later.append(run)
-        if runs is None:
-            return _pread_exact(self.fd, length, host)
+        if host is not None:
+            return _pread_exact(self.fd, len(view), host)
         for run in later:
             self._read_run(run, view, offset)
-        return bytes(buf)
+        return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        buf = bytearray(length)
+        data = self._read_into(offset, memoryview(buf), as_bytes=True)
+        return bytes(buf) if data is None else data
+
+    def readinto(self, offset: int, buffer) -> None:
+        """Fill `buffer` with the guest bytes at `offset`, without a copy."""
+        view = memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if len(view):
+            self._read_into(offset, view)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -234,6 +234,12 @@ def test_qemu_images_read_extents_write(tmp_path, cs, v2, backing):
             offset = rng.randrange(img.size)
             length = rng.randint(1, min(5 * cs, img.size - offset))
             assert img.read(offset, length) == expected[offset:offset + length]
+            buf = bytearray(b"\xff" * length)       # readinto fills it all, zeroes too
+            img.readinto(offset, memoryview(buf))
+            assert buf == expected[offset:offset + length]
+        buf = bytearray(b"\xff" * img.size)
+        img.readinto(0, buf)
+        assert buf == expected
         extents = top_extents(top)
         assert list(img.data_extents(0, img.size)) == extents
         for _ in range(10):
@@ -401,6 +407,9 @@ def test_random_operations_against_model(templates, template, ops, seed):
                 probe = rng.randrange(img.size)
                 n = min(3 * cs, img.size - probe)
                 assert img.read(probe, n) == model[probe:probe + n]
+                buf = bytearray(b"\xff" * n)
+                img.readinto(probe, buf)
+                assert buf == model[probe:probe + n]
         finally:
             img.close()
         assert_clean(image)
