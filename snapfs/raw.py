@@ -30,6 +30,10 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to this
 DIRECT_ALIGN = 4096
+#: smaller writes go through the page cache: waiting for the device costs a
+#: single 64 KiB copy more than the page cache does (4 KiB random first-writes
+#: ran about twice as fast buffered)
+DIRECT_MIN = 512 << 10
 
 
 class RawImage(Image):
@@ -98,7 +102,7 @@ class RawImage(Image):
         return b"".join(parts)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        if (self._direct_fd >= 0 and len(data) >= 65536
+        if (self._direct_fd >= 0 and len(data) >= DIRECT_MIN
                 and not (offset | len(data)) % DIRECT_ALIGN):
             self._write_direct(offset, data)
             return
