@@ -2,8 +2,8 @@
 anchor, measures, cleans up and writes a table with a figure for each system
 in every row. Nothing is timed: the figures of a --quick run mean nothing.
 
-Slow (it installs QEMU and fio if they are missing, then runs everything
-once): `scripts/test -m slow -k bench`.
+It installs QEMU and fio if they are missing (through scripts/bench), then runs
+everything once on a small image: about a quarter of a minute.
 """
 
 import os
@@ -63,7 +63,6 @@ def _results_table(report: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: FUSE mounts, drop_caches, apt")
 def test_bench_quick_produces_a_full_table(tmp_path):
     workdir = tempfile.mkdtemp(prefix="snapfs-bench-test-", dir="/var/tmp")  # not tmpfs
