@@ -17,6 +17,7 @@ can start on its clusters in between.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from dataclasses import dataclass, field
 
@@ -104,7 +105,8 @@ class CopyBeforeWrite:
         to copy: fresh memory for every copy costs page faults."""
         buffer = getattr(self._buffers, "buffer", None)
         if buffer is None or len(buffer) < length:
-            buffer = self._buffers.buffer = bytearray(max(length, 1 << 20))
+            # page-aligned, so that drivers may read into it with O_DIRECT
+            buffer = self._buffers.buffer = mmap.mmap(-1, max(length, 1 << 20))
         return memoryview(buffer)[:length]
 
     def _is_zero(self, view: memoryview, pos: int) -> bool:

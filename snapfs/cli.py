@@ -289,7 +289,7 @@ def cmd_wait(args) -> int:
     if info["sync"] == "none":
         raise UserError("nothing to wait for: sync mode none has no background copy")
     while info["state"] == "running":
-        time.sleep(0.1)
+        time.sleep(0.05)
         try:
             info = control.status(live)
         except UserError:

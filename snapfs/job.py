@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 SYNC_MODES = ("full", "top", "none")
 #: bytes one claim copies at most (the last one may be shorter)
 CHUNK_BYTES = 4 << 20
+#: copies in flight at once: one reads while the other writes
+COPY_WORKERS = 2
 
 
 class BackupJob:
@@ -97,36 +99,54 @@ class BackupJob:
             self.finished.set()
 
     async def _copy_all(self) -> bool:
-        """Copy every run; False if stopped before the end."""
-        engine = self.engine
+        """Copy every run with COPY_WORKERS copies in flight; False if stopped
+        before the end."""
+        self._run = 0
+        self._pos = self._runs[0] if self._runs else 0
+        self._started = trio.current_time()
+        self._copied = 0  # bytes the job copied itself, for the speed limit
+        async with trio.open_nursery() as nursery:
+            for _ in range(COPY_WORKERS):
+                nursery.start_soon(self._worker)
+        return self._run * 2 >= len(self._runs)
+
+    def _next_chunk(self) -> tuple[int, int] | None:
+        """Claimable clusters at the job's position, which moves past them;
+        what it skips was copied already (by writes)."""
         runs = self._runs
-        started = trio.current_time()
-        copied = 0  # bytes this job copied itself, for the speed limit
-        for i in range(0, len(runs), 2):
-            pos, end = runs[i], runs[i + 1]
-            while pos < end:
-                if self._stop.is_set():
-                    return False
-                found = engine.next_claimable(pos, end, self._max_clusters)
-                if found is None:  # the rest of the run is copied already
-                    self.bytes_done += self._run_bytes(pos, end)
-                    break
-                first, stop = found
-                self.bytes_done += self._run_bytes(pos, first)  # already copied
-                claim = engine.claim(first, stop)
-                ok = False
-                try:
-                    await trio.to_thread.run_sync(engine.copy, first, stop)
-                    ok = True
-                finally:
-                    engine.release(claim, copied=ok)
-                done = self._run_bytes(first, stop)
-                self.bytes_done += done
-                copied += done
-                pos = stop
-                if self.speed:
-                    await self._throttle(started + copied / self.speed)
-        return True
+        while self._run * 2 < len(runs):
+            end = runs[self._run * 2 + 1]
+            found = self.engine.next_claimable(self._pos, end, self._max_clusters)
+            if found is None:
+                self.bytes_done += self._run_bytes(self._pos, end)
+                self._run += 1
+                if self._run * 2 < len(runs):
+                    self._pos = runs[self._run * 2]
+                continue
+            first, stop = found
+            self.bytes_done += self._run_bytes(self._pos, first)
+            self._pos = stop
+            return found
+        return None
+
+    async def _worker(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            found = self._next_chunk()
+            if found is None:
+                return
+            claim = engine.claim(*found)
+            copied = False
+            try:
+                await trio.to_thread.run_sync(engine.copy, claim.first, claim.end)
+                copied = True
+            finally:
+                engine.release(claim, copied=copied)
+            done = self._run_bytes(claim.first, claim.end)
+            self.bytes_done += done
+            self._copied += done
+            if self.speed:
+                await self._throttle(self._started + self._copied / self.speed)
 
     async def _throttle(self, until: float) -> None:
         with trio.move_on_at(until):

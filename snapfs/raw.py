@@ -30,24 +30,47 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to this
 DIRECT_ALIGN = 4096
-#: smaller writes go through the page cache: waiting for the device costs a
-#: single 64 KiB copy more than the page cache does (4 KiB random first-writes
-#: ran about twice as fast buffered)
+#: reads and writes at least this large bypass the page cache (O_DIRECT) when
+#: they can; smaller ones go through it: for them, waiting for the device costs
+#: more than the cache does (4 KiB random first-writes, which copy one 64 KiB
+#: cluster each, ran about twice as fast buffered)
 DIRECT_MIN = 512 << 10
 
 
-class RawImage(Image):
-    """A raw image file. An image made with `create` (a backup target) writes
-    large aligned blocks with O_DIRECT: filling fresh page cache costs this
-    kind of machine more than the write itself, and nobody reads the target
-    back soon. Other writes, and all reads, go through the page cache."""
+def _is_aligned(view: memoryview) -> bool:
+    """Whether the buffer's address suits O_DIRECT."""
+    if view.readonly or not len(view):
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
-    def __init__(self, path: str, fd: int, size: int, direct_fd: int = -1):
+
+class RawImage(Image):
+    """A raw image file.
+
+    Large copies bypass the page cache, because filling fresh page cache costs
+    this kind of machine more than the I/O itself: `readinto` (the copies'
+    read of old data) reads large aligned blocks with O_DIRECT, and an image
+    made with `create` (a backup target, which nobody reads back soon) writes
+    them with O_DIRECT. Everything else goes through the page cache. The
+    kernel keeps the two coherent (a direct read writes back dirty cached
+    pages of its range first)."""
+
+    def __init__(self, path: str, fd: int, size: int, direct_fd: int = -1,
+                 direct_writes: bool = False):
         self.path = path
         self.fd = fd
         self.size = size
         self._direct_fd = direct_fd
+        self._direct_writes = direct_writes and direct_fd >= 0
         self._bounce = threading.local()  # an aligned buffer per writing thread
+
+    @staticmethod
+    def _open_direct(path: str, writable: bool) -> int:
+        try:
+            return os.open(path, (os.O_RDWR if writable else os.O_RDONLY)
+                           | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:  # a file system without O_DIRECT (tmpfs): buffered only
+            return -1
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "RawImage":
@@ -57,7 +80,7 @@ class RawImage(Image):
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, size)
+        return cls(path, fd, size, cls._open_direct(path, False))
 
     @classmethod
     def create(cls, path: str, size: int, overwrite: bool = False) -> "RawImage":
@@ -69,11 +92,7 @@ class RawImage(Image):
         except BaseException:
             os.close(fd)
             raise
-        try:
-            direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:  # a file system without O_DIRECT (tmpfs): buffered only
-            direct_fd = -1
-        return cls(path, fd, size, direct_fd)
+        return cls(path, fd, size, cls._open_direct(path, True), direct_writes=True)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -82,8 +101,12 @@ class RawImage(Image):
         return data
 
     def readinto(self, offset: int, buffer: memoryview) -> None:
+        fd = self.fd
+        if (self._direct_fd >= 0 and len(buffer) >= DIRECT_MIN
+                and not (offset | len(buffer)) % DIRECT_ALIGN and _is_aligned(buffer)):
+            fd = self._direct_fd
         while buffer:
-            done = os.preadv(self.fd, [buffer], offset)
+            done = os.preadv(fd, [buffer], offset)
             if done == 0:  # the file shrank under us: treat the rest as zeroes
                 buffer[:] = bytes(len(buffer))
                 return
@@ -102,7 +125,7 @@ class RawImage(Image):
         return b"".join(parts)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        if (self._direct_fd >= 0 and len(data) >= DIRECT_MIN
+        if (self._direct_writes and len(data) >= DIRECT_MIN
                 and not (offset | len(data)) % DIRECT_ALIGN):
             self._write_direct(offset, data)
             return
@@ -113,11 +136,13 @@ class RawImage(Image):
             offset += done
 
     def _write_direct(self, offset: int, data: bytes | memoryview) -> None:
-        buffer = getattr(self._bounce, "buffer", None)
-        if buffer is None or len(buffer) < len(data):
-            buffer = self._bounce.buffer = mmap.mmap(-1, len(data))  # page-aligned
-        view = memoryview(buffer)[:len(data)]
-        view[:] = data
+        view = memoryview(data)
+        if not _is_aligned(view):  # copy into an aligned buffer of this thread
+            buffer = getattr(self._bounce, "buffer", None)
+            if buffer is None or len(buffer) < len(data):
+                buffer = self._bounce.buffer = mmap.mmap(-1, len(data))
+            view = memoryview(buffer)[:len(data)]
+            view[:] = data
         while view:
             done = os.pwritev(self._direct_fd, [view], offset)
             view = view[done:]
