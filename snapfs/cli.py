@@ -231,13 +231,31 @@ def cmd_mount(args) -> int:
         line = pipe.readline()
     why = daemon.parse_readiness(line) if line else None
     if line and why is None:
-        _check_serving([os.path.join(cfg.live, cfg.name), os.path.join(cfg.snapshot, cfg.name)])
+        try:
+            _check_serving([os.path.join(cfg.live, cfg.name),
+                            os.path.join(cfg.snapshot, cfg.name)])
+        except UserError:
+            _stop_daemon(process, [cfg.live, cfg.snapshot])
+            raise
         return 0
     process.wait()
     if why is None:
         raise UserError(f"the snapfs daemon exited before its mounts were up; see {log_file}")
     os.unlink(log_file)
     raise UserError(why)
+
+
+def _stop_daemon(process: subprocess.Popen, mount_points: list[str]) -> None:
+    """Stop a daemon that came up wrong, and leave nothing mounted."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for path in mount_points:
+        if control.mount_type(path):
+            _lazy_unmount(path)
 
 
 def _check_serving(paths: list[str], timeout: float = 60) -> None:
@@ -323,7 +341,7 @@ def cmd_umount(args) -> int:
                         "the target may be incomplete") from None
     control.send(live, "umount")
     deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while _running(info["pid"]):
+    while process_running(info["pid"]):
         if time.monotonic() > deadline:
             raise UserError(f"the snapfs daemon (pid {info['pid']}) did not stop in time")
         time.sleep(0.05)
@@ -335,7 +353,7 @@ def cmd_umount(args) -> int:
     return 0
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether `pid` runs (a zombie no longer does)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from snapfs import control
+from snapfs.cli import process_running
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -68,12 +69,7 @@ def _kill(pid: int) -> None:
             time.sleep(0.1)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+alive = process_running
 
 
 @dataclass
