@@ -66,10 +66,11 @@ class SnapshotReader:
         """Read the clusters' parts of [offset, end) into `data`: set bits from
         the target, clear bits from the source (unless `from_target_only`)."""
         cs = self.cluster_size
+        view = memoryview(data)
         for run_start, run_end, bit in _runs(mask, count):
             if not bit and from_target_only:
                 continue
             start = max(offset, (first + run_start) * cs)
             stop = min(end, (first + run_end) * cs)
             image = self.target if bit else self.source
-            data[start - offset:stop - offset] = image.read(start, stop - start)
+            image.readinto(start, view[start - offset:stop - offset])

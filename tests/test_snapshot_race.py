@@ -57,11 +57,18 @@ class WriteDuringRead:
         self.size, self.path = image.size, image.path
         self.fired = False
 
-    def read(self, offset, length):
+    def _fire(self):
         if not self.fired:
             self.fired = True
             write_now(self.engine, self.offset, self.data)
+
+    def read(self, offset, length):
+        self._fire()
         return self.image.read(offset, length)
+
+    def readinto(self, offset, buffer):
+        self._fire()
+        self.image.readinto(offset, buffer)
 
 
 @pytest.mark.parametrize("copied_first, read_offset, read_length, write_offset, write_length", [
