@@ -21,7 +21,6 @@ Run as `python -m snapfs.daemon live|snapshot CONFIG_JSON [--ready-fd N]`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import json
 import logging
@@ -239,8 +238,11 @@ class LiveDaemon:
 
     async def _run_snapshot_process(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         command = [sys.executable, "-m", "snapfs.daemon", "snapshot", self.cfg.to_json(),
-                   "--ready-fd", "1", "--parent", str(os.getpid())]
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+                   "--ready-fd", "1"]
+        # The child's stdin is a pipe that stays open as long as this process
+        # lives: when we die, however we die, the child sees it end and stops.
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE)
         try:
             with trio.move_on_after(START_TIMEOUT):
                 line = await _read_line(process.stdout)
@@ -249,8 +251,8 @@ class LiveDaemon:
             if why is not None:
                 raise UserError(f"{self.cfg.snapshot}: snapshot mount failed: {why}")
             task_status.started(process)
-            await process.wait()
-            self.request_stop("the snapshot mount went away")
+            code = await process.wait()
+            self.request_stop(f"the snapshot process ended (exit status {code})")
         finally:
             with trio.CancelScope(shield=True):
                 await _stop_process(process)
@@ -312,14 +314,6 @@ async def _stop_process(process: trio.Process) -> None:
 
 # --- the snapshot process -------------------------------------------------
 
-def _die_with_parent(parent: int) -> None:
-    """Get SIGTERM when the live process dies, however it dies."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before we asked
-        raise UserError("the live process is gone")
-
-
 async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
     source = open_image(cfg.source, cfg.format, writable=False)
     target = open_image(cfg.target, cfg.target_format, writable=False)
@@ -334,6 +328,7 @@ async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(_terminate_when_parent_ends)
                 nursery.start_soon(_raise_readahead, cfg.snapshot)
                 readiness.ready()
                 await pyfuse3.main()
@@ -359,6 +354,17 @@ async def _raise_readahead(mountpoint: str) -> None:
             f.write(str(SNAPSHOT_READAHEAD_KB))
     except OSError as e:
         log.info("snapshot readahead left at the default: %s", e)
+
+
+async def _terminate_when_parent_ends() -> None:
+    """The live process holds our stdin open while it lives. (Not
+    PR_SET_PDEATHSIG: that fires when the *thread* that started us ends, and
+    trio starts processes from worker threads that come and go.)"""
+    stream = trio.lowlevel.FdStream(os.dup(0))
+    while await stream.receive_some():
+        pass
+    log.warning("the live process is gone: stopping")
+    pyfuse3.terminate()
 
 
 async def _terminate_on_signal() -> None:
@@ -412,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", choices=("live", "snapshot"))
     parser.add_argument("config")
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--parent", type=int)
     args = parser.parse_args(argv)
     setup_logging()
     cfg = MountConfig.from_json(args.config)
@@ -424,12 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, 1)
         os.close(devnull)
     readiness = Readiness(ready_fd)
-    if args.role == "snapshot":
-        try:
-            _die_with_parent(args.parent)
-        except UserError as e:
-            readiness.failed(str(e))
-            return 1
     return run(args.role, cfg, readiness)
 
 

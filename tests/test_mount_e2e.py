@@ -375,3 +375,16 @@ def test_chmod_chown_refused_touch_allowed(tmp_path, mount):
     assert source.stat().st_mtime == inst.live.stat().st_mtime
     assert __import__("time").gmtime(source.stat().st_mtime).tm_year == 2001
     inst.umount()
+
+
+def test_mounts_outlive_idle_worker_threads(tmp_path, mount):
+    """trio ends idle worker threads after 10 s; the snapshot process must not
+    take that for the end of the live process (regression: it used
+    PR_SET_PDEATHSIG, which fires when the thread that started it ends)."""
+    original = random_bytes(MiB, seed=14)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="none")
+    __import__("time").sleep(13)
+    assert is_mounted(inst.snapshot_dir)
+    assert inst.snapshot.read_bytes() == original
+    inst.umount()
