@@ -34,7 +34,7 @@ DIRECT_ALIGN = 4096
 #: they can; smaller ones go through it: for them, waiting for the device costs
 #: more than the cache does (4 KiB random first-writes, which copy one 64 KiB
 #: cluster each, ran about twice as fast buffered)
-DIRECT_MIN = 512 << 10
+DIRECT_MIN = 256 << 10
 
 
 def _is_aligned(view: memoryview) -> bool:
