@@ -17,10 +17,10 @@ import threading
 import time
 
 from snapfs import control
-from snapfs.copymap import state_path
 from snapfs.errors import UserError
 from snapfs.image import FORMATS, open_image
-from snapfs.job import SYNC_MODES
+from snapfs.instance import (SYNC_MODES, MountConfig, Readiness, log_path, parse_readiness,
+                             state_path)
 
 QCOW2_MAGIC = b"QFI\xfb"
 MIN_CLUSTER = 4 << 10
@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_mount_args(args) -> "MountConfig":
     """Refuse bad input before anything is created; returns the config."""
-    from snapfs.daemon import MountConfig
-
     source = os.path.abspath(args.source)
     try:
         st = os.stat(source)
@@ -172,8 +170,6 @@ def check_mount_args(args) -> "MountConfig":
     inside = control.snapfs_mount_containing(target_dir)
     if inside:
         raise UserError(f"target {args.target}: inside the snapfs mount {inside}")
-    from snapfs.daemon import log_path
-
     for path in (target, state_path(target), log_path(target)):
         if os.path.realpath(path) == os.path.realpath(source) or _same_file(path, st):
             raise UserError(f"target {args.target}: is the source")
@@ -211,14 +207,14 @@ def _same_file(path: str, st: os.stat_result) -> bool:
 
 
 def cmd_mount(args) -> int:
-    from snapfs import daemon
-
     cfg = check_mount_args(args)
     if args.foreground:
-        daemon.setup_logging()
-        return daemon.run("live", cfg, daemon.Readiness(None))
+        from snapfs import daemon
 
-    log_file = daemon.log_path(cfg.target)
+        daemon.setup_logging()
+        return daemon.run("live", cfg, Readiness(None))
+
+    log_file = log_path(cfg.target)
     read_end, write_end = os.pipe()
     with open(log_file, "w" if args.force else "x") as log:
         process = subprocess.Popen(
@@ -229,7 +225,7 @@ def cmd_mount(args) -> int:
     os.close(write_end)
     with os.fdopen(read_end) as pipe:
         line = pipe.readline()
-    why = daemon.parse_readiness(line) if line else None
+    why = parse_readiness(line) if line else None
     if line and why is None:
         try:
             _check_serving([os.path.join(cfg.live, cfg.name),

@@ -26,11 +26,6 @@ _NOT_ALL_SET = re.compile(rb"[^\xff]")
 _NOT_ALL_CLEAR = re.compile(rb"[^\x00]")
 
 
-def state_path(target: str) -> str:
-    """Where the state file of `target` lives."""
-    return target + ".snapfs"
-
-
 class CopyMap:
     def __init__(self, path: str, fd: int, mm: mmap.mmap, info: dict):
         self.path = path

@@ -29,15 +29,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 
 import pyfuse3
 import trio
 
 from snapfs import control
 from snapfs.cbw import CopyBeforeWrite
-from snapfs.copymap import CopyMap, state_path
+from snapfs.copymap import CopyMap
 from snapfs.errors import UserError
+from snapfs.instance import MountConfig, Readiness, parse_readiness, state_path
 from snapfs.fuse_live import LiveOperations
 from snapfs.fuse_snapshot import SnapshotOperations
 from snapfs.image import open_image
@@ -54,71 +54,6 @@ SNAPSHOT_OPTIONS = _COMMON_OPTIONS | {"subtype=snapfs-snapshot", "ro"}
 SNAPSHOT_READAHEAD_KB = 4096
 #: how long a process may take to report that its mount is up
 START_TIMEOUT = 60
-
-
-@dataclass
-class MountConfig:
-    """What `snapfs mount` was asked for, already checked (paths are absolute)."""
-
-    source: str
-    live: str
-    snapshot: str
-    target: str
-    sync: str = "full"
-    cluster_size: int = 64 * 1024
-    speed: int | None = None
-    force: bool = False
-    format: str = "raw"
-    target_format: str = "raw"
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.source)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "MountConfig":
-        return cls(**json.loads(text))
-
-
-def log_path(target: str) -> str:
-    """Where a background instance logs."""
-    return target + ".snapfs.log"
-
-
-class Readiness:
-    """The pipe on which a process tells its starter that its mount is up."""
-
-    def __init__(self, fd: int | None):
-        self._fd = fd
-
-    def _say(self, line: str) -> None:
-        if self._fd is not None:
-            os.write(self._fd, line.encode() + b"\n")
-            os.close(self._fd)
-            self._fd = None
-
-    def ready(self) -> None:
-        self._say("ready")
-
-    def failed(self, message: str) -> None:
-        if self._fd is None:
-            log.error("%s", message)
-        self._say("error: " + " ".join(message.split()))
-
-    @property
-    def pending(self) -> bool:
-        return self._fd is not None
-
-
-def parse_readiness(line: str) -> str | None:
-    """None if `line` says ready, else the reason the start failed."""
-    line = line.strip()
-    if line == "ready":
-        return None
-    return line.removeprefix("error: ") or "exited before its mount was up"
 
 
 def _lock_source(path: str) -> int:

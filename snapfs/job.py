@@ -18,10 +18,10 @@ import logging
 import trio
 
 from snapfs.cbw import CopyBeforeWrite
+from snapfs.instance import SYNC_MODES
 
 log = logging.getLogger(__name__)
 
-SYNC_MODES = ("full", "top", "none")
 #: bytes one claim copies at most (the last one may be shorter)
 CHUNK_BYTES = 4 << 20
 #: copies in flight at once: one reads while the other writes
