@@ -1024,6 +1024,9 @@ distribution, doing the same job on the same images:
   full|top` and is timed from the start of `snapfs mount` until `snapfs wait`
   returns (its start-up included).
 
+Why the figures are what they are, where the time goes and what was tried:
+[performance.md](performance.md).
+
 ## How to run it
 
 As root, on the machine to describe: `scripts/bench` (it installs QEMU, fio and
