@@ -44,10 +44,13 @@ class CopyMap:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
         fd = os.open(path, flags, 0o644)
         try:
-            os.ftruncate(fd, HEADER_SIZE + -(-clusters // 8))
+            # Allocate the blocks now: a store into a mapped page that the
+            # file system cannot back (it is full) kills the process (SIGBUS).
+            os.posix_fallocate(fd, 0, HEADER_SIZE + -(-clusters // 8))
             mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
+            os.unlink(path)
             raise
         copymap = cls(path, fd, mm, info)
         copymap.write_info()

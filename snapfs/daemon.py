@@ -122,15 +122,20 @@ class LiveDaemon:
         created: list[str] = []
         target = copymap = None
         try:
-            target = create_target(cfg.target, source, cfg.format, cfg.target_format, cfg.sync,
-                                   cfg.cluster_size, overwrite=cfg.force)
-            created.append(cfg.target)
-            copymap = CopyMap.create(state_path(cfg.target), source.size, cfg.cluster_size,
-                                     {"source": cfg.source, "target": cfg.target,
-                                      "format": cfg.format, "target_format": cfg.target_format,
-                                      "sync": cfg.sync, "state": "running"},
-                                     overwrite=cfg.force)
-            created.append(copymap.path)
+            try:
+                target = create_target(cfg.target, source, cfg.format, cfg.target_format,
+                                       cfg.sync, cfg.cluster_size, overwrite=cfg.force)
+                created.append(cfg.target)
+                copymap = CopyMap.create(
+                    state_path(cfg.target), source.size, cfg.cluster_size,
+                    {"source": cfg.source, "target": cfg.target, "format": cfg.format,
+                     "target_format": cfg.target_format, "sync": cfg.sync,
+                     "state": "running"},
+                    overwrite=cfg.force)
+                created.append(copymap.path)
+            except OSError as e:
+                raise UserError(f"cannot create {e.filename or cfg.target}: "
+                                f"{e.strerror or e}") from None
             self.engine = CopyBeforeWrite(source, target, copymap)
             self.job = BackupJob(self.engine, cfg.sync, cfg.speed)
             await self._serve()

@@ -90,7 +90,7 @@ class BackupJob:
         except Exception as e:  # an I/O error ends the job, not the daemon
             log.exception("background copy failed")
             self.state = "failed"
-            self.error = f"background copy failed: {e}"
+            self.error = _describe(e)
         else:
             self.state = "completed" if finished else "cancelled"
             log.info("background copy %s: %d of %d bytes", self.state,
@@ -152,3 +152,12 @@ class BackupJob:
         with trio.move_on_at(until):
             await self._stop.wait()
 
+
+def _describe(error: BaseException) -> str:
+    """One line for the first error in `error` (which the copy workers'
+    nursery may have wrapped in exception groups)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__

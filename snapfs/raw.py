@@ -91,6 +91,7 @@ class RawImage(Image):
             os.ftruncate(fd, size)
         except BaseException:
             os.close(fd)
+            os.unlink(path)
             raise
         return cls(path, fd, size, cls._open_direct(path, True), direct_writes=True)
 

@@ -388,3 +388,71 @@ def test_mounts_outlive_idle_worker_threads(tmp_path, mount):
     assert is_mounted(inst.snapshot_dir)
     assert inst.snapshot.read_bytes() == original
     inst.umount()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB file system for targets that run out of space."""
+    point = tmp_path / "small"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+def test_full_target_fails_writes_not_the_snapshot(tmp_path, mount, small_fs):
+    """When the old data cannot be saved, the write fails and SOURCE keeps the
+    old data; the background copy ends as failed with the reason."""
+    original = random_bytes(8 * MiB, seed=15)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="none", target=small_fs / "t.img")
+    model = bytearray(original)
+    fd = os.open(inst.live, os.O_WRONLY)
+    failed_at = None
+    try:
+        for offset in range(0, 8 * MiB, CLUSTER):
+            data = random_bytes(CLUSTER, seed=offset)
+            try:
+                os.pwrite(fd, data, offset)
+            except OSError as e:
+                assert e.errno == 28  # ENOSPC
+                failed_at = offset
+                break
+            model[offset:offset + CLUSTER] = data
+    finally:
+        os.close(fd)
+    assert failed_at is not None, "the 2 MiB target never filled up"
+    assert inst.live.read_bytes() == bytes(model)
+    assert inst.snapshot.read_bytes() == original
+    inst.umount()
+    assert source.read_bytes() == bytes(model)
+
+    for path in small_fs.iterdir():
+        path.unlink()
+    inst = mount(source, sync="full", target=small_fs / "t2.img", name="m2")
+    result = inst.wait(check=False)
+    assert result.returncode == 1 and "No space left" in result.stderr, result.stderr
+    info = inst.status()
+    assert info["state"] == "failed" and "No space left" in info["error"]
+    assert inst.snapshot.read_bytes() == bytes(model)
+    inst.umount()
+
+    # no room even for the copy map: refused in one line, nothing left behind
+    for path in small_fs.iterdir():
+        path.unlink()
+    filler = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(filler, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    os.close(filler)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+    (tmp_path / "m3" / "live").mkdir(parents=True)
+    (tmp_path / "m3" / "snap").mkdir()
+    result = run_snapfs("mount", source, tmp_path / "m3" / "live", tmp_path / "m3" / "snap",
+                        "--target", small_fs / "t3.img", "--cluster-size", "4K", check=False)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "No space left" in result.stderr, result.stderr
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+    assert not is_mounted(tmp_path / "m3" / "live") and not is_mounted(tmp_path / "m3" / "snap")
