@@ -5,9 +5,10 @@
   file, its allocated extents), as they were when the job started;
 - none: nothing (the job only reports; copy-before-write does all the work).
 
-The job walks the clusters in order, claims a run of clusters that are neither
-copied nor claimed, copies it in a worker thread, and releases it. It stops
-between two runs when asked (cancel or shutdown), never in the middle of one.
+The job walks the clusters in order: each of its COPY_WORKERS tasks claims the
+next run of clusters that are neither copied nor claimed, copies it in a
+worker thread and releases it. The job stops between two runs when asked
+(cancel or shutdown), never in the middle of one.
 """
 
 from __future__ import annotations
