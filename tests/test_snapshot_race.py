@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import threading
 import time
 
@@ -146,13 +147,32 @@ def test_threads_write_copy_and_read_at_once(tmp_path):
     assert reader.read(0, len(original)) == original
 
 
-def test_concurrent_writers_and_snapshot_readers_through_fuse(tmp_path, mount):
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_concurrent_writers_and_snapshot_readers_through_fuse(tmp_path, mount, fmt):
     """Real mounts: writer threads on the live file, reader threads on the
     snapshot file (page cache dropped before each read, so that the reads reach
-    snapfs), the background copy running meanwhile."""
+    snapfs), the background copy running meanwhile. With qcow2, the source is
+    an overlay on a raw base, partly compressed, and the target is qcow2: the
+    snapshot process reads both while the live process allocates in both."""
     original = random_bytes(16 * MiB, seed=5)
     source = write_image(tmp_path / "disk.img", original)
-    inst = mount(source, sync="full", cluster_size="4K", speed="4M")
+    extra = []
+    if fmt == "qcow2":
+        base = write_image(tmp_path / "base.raw", random_bytes(16 * MiB, seed=6))
+        overlay = tmp_path / "overlay.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=16k",
+                        "-b", "base.raw", "-F", "raw", str(overlay)], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -c -P 0x5a 0 1M",
+                        "-c", "write -P 0x33 1M 512k", "-c", "write -z 1536k 256k",
+                        str(overlay)], check=True, capture_output=True)
+        source = tmp_path / "disk.qcow2"
+        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=16k",
+                        "-B", "base.raw", "-F", "raw", str(overlay), str(source)], check=True)
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(source),
+                        str(tmp_path / "pit.raw")], check=True)
+        original = (tmp_path / "pit.raw").read_bytes()
+        extra = ["--format", "qcow2", "--target-format", "qcow2"]
+    inst = mount(source, sync="full", cluster_size="4K", speed="4M", extra=extra)
     hot = 2 * MiB  # everybody works on the first 2 MiB
     stop = threading.Event()
     failures: list[str] = []
