@@ -80,8 +80,9 @@ class CopyBeforeWrite:
     # --- copying --------------------------------------------------------
 
     def copy(self, first: int, end: int) -> None:
-        """Copy clusters [first, end) from the source to the target, leaving
-        all-zero clusters unallocated. Does not touch the copy map."""
+        """Copy clusters [first, end) from the source to the target; all-zero
+        clusters are stored with write_zeroes (holes in a raw target, zero
+        clusters in a qcow2 one), never as data. Does not touch the copy map."""
         cs = self.cluster_size
         start = first * cs
         length = min(end * cs, self.size) - start
