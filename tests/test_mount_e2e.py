@@ -456,3 +456,23 @@ def test_full_target_fails_writes_not_the_snapshot(tmp_path, mount, small_fs):
     assert len(result.stderr.splitlines()) == 1 and "No space left" in result.stderr, result.stderr
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
     assert not is_mounted(tmp_path / "m3" / "live") and not is_mounted(tmp_path / "m3" / "snap")
+
+
+def test_sigterm_stops_cleanly(tmp_path, mount):
+    """SIGTERM to the daemon is an orderly stop: both mounts gone, SOURCE
+    holding the writes, the copy map recording how the job ended."""
+    import json
+
+    original = random_bytes(32 * MiB, seed=16)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="full", speed="1M")
+    with open(inst.live, "r+b") as f:
+        f.write(b"after")
+    os.kill(inst.pids[0], 15)
+    assert wait_until(lambda: not any(alive(pid) for pid in inst.pids))
+    assert not is_mounted(inst.live_dir) and not is_mounted(inst.snapshot_dir)
+    assert source.read_bytes()[:5] == b"after"
+    assert inst.target.read_bytes()[:CLUSTER] == original[:CLUSTER]
+    header = (tmp_path / "m" / "target.img.snapfs").read_bytes()[:4096]
+    info = json.loads(header.split(b"\n", 1)[1].rstrip(b"\0"))
+    assert info["state"] == "cancelled" and info["bytes_done"] < info["bytes_total"]
