@@ -212,13 +212,13 @@ def cmd_mount(args) -> int:
         from snapfs import daemon
 
         daemon.setup_logging()
-        return daemon.run("live", cfg, Readiness(None))
+        return daemon.run_live(cfg, Readiness(None))
 
     log_file = log_path(cfg.target)
     read_end, write_end = os.pipe()
     with open(log_file, "w" if args.force else "x") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "snapfs.daemon", "live", cfg.to_json(),
+            [sys.executable, "-m", "snapfs.daemon", cfg.to_json(),
              "--ready-fd", str(write_end)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
             start_new_session=True)

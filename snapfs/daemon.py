@@ -15,7 +15,7 @@ snapshot serves reads. If either mount goes away (umount command, a signal,
 `fusermount3 -u` of either mount point), the live process stops the job,
 stops the snapshot process, unmounts the live mount and flushes everything.
 
-Run as `python -m snapfs.daemon live|snapshot CONFIG_JSON [--ready-fd N]`.
+Run as `python -m snapfs.daemon CONFIG_JSON [--ready-fd N]`.
 """
 
 from __future__ import annotations
@@ -69,13 +69,13 @@ def _lock_source(path: str) -> int:
 
 
 class LiveDaemon:
-    def __init__(self, cfg: MountConfig, readiness: Readiness):
+    def __init__(self, cfg: MountConfig, readiness: Readiness, child: "SnapshotChild"):
         self.cfg = cfg
         self.readiness = readiness
+        self.child = child
         self.stop_requested = trio.Event()
         self.engine: CopyBeforeWrite | None = None
         self.job: BackupJob | None = None
-        self.child: trio.Process | None = None
         self.started_at = time.time()
 
     # --- what the live mount's control interface calls ------------------
@@ -156,7 +156,7 @@ class LiveDaemon:
         cfg = self.cfg
         ops = LiveOperations(cfg.name, self.engine, self.status, self.command)
         async with trio.open_nursery() as nursery:
-            self.child = await nursery.start(self._run_snapshot_process)
+            await nursery.start(self._run_snapshot_process)
             try:
                 pyfuse3.init(ops, cfg.live, LIVE_OPTIONS)
             except RuntimeError:
@@ -177,25 +177,17 @@ class LiveDaemon:
             nursery.cancel_scope.cancel()
 
     async def _run_snapshot_process(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        command = [sys.executable, "-m", "snapfs.daemon", "snapshot", self.cfg.to_json(),
-                   "--ready-fd", "1"]
-        # The child's stdin is a pipe that stays open as long as this process
-        # lives: when we die, however we die, the child sees it end and stops.
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE,
-                                                   stdout=subprocess.PIPE)
+        child = self.child
         try:
-            with trio.move_on_after(START_TIMEOUT):
-                line = await _read_line(process.stdout)
-            await process.stdout.aclose()
-            why = parse_readiness(line) if line else "timed out or exited"
+            why = await child.start()
             if why is not None:
                 raise UserError(f"{self.cfg.snapshot}: snapshot mount failed: {why}")
-            task_status.started(process)
-            code = await process.wait()
+            task_status.started()
+            code = await child.wait()
             self.request_stop(f"the snapshot process ended (exit status {code})")
         finally:
             with trio.CancelScope(shield=True):
-                await _stop_process(process)
+                await child.stop()
             if control.mount_type(self.cfg.snapshot) == control.SNAPSHOT_FSTYPE:
                 log.warning("the snapshot process left its mount behind: unmounting it")
                 subprocess.run(["fusermount3", "-u", "-z", self.cfg.snapshot], check=False)
@@ -215,8 +207,7 @@ class LiveDaemon:
         self.stop_requested.set()
         self.job.stop()
         await self.job.finished.wait()
-        if self.child is not None:
-            await _stop_process(self.child)
+        await self.child.stop()
 
     def _finish(self) -> None:
         """Make the target and the source durable and record the job's end."""
@@ -232,29 +223,81 @@ class LiveDaemon:
                  job.state, self.engine.clusters_copied_by_writes)
 
 
-async def _read_line(stream) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await stream.receive_some(256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace")
+class SnapshotChild:
+    """The snapshot process, seen from the live process.
 
+    It is forked before trio starts, from a process that has imported
+    everything already (a new interpreter would cost the start-up another
+    0.15 s), and waits until `start` says go: by then the target and the copy
+    map exist. The "go" pipe then stays open as a lifeline: when the live
+    process ends, however it ends, the child sees the pipe close and stops."""
 
-async def _stop_process(process: trio.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    def __init__(self, cfg: MountConfig, inherited: list[int]):
+        go_read, self._go = os.pipe()
+        self._ready, ready_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            for fd in (self._go, self._ready, *inherited):
+                os.close(fd)
+            code = 1
+            try:
+                if os.read(go_read, 1) == b"g":  # else the live process gave up
+                    code = run_snapshot(cfg, Readiness(ready_write), lifeline=go_read)
+            finally:
+                os._exit(code)
+        os.close(go_read)
+        os.close(ready_write)
+        self.returncode: int | None = None
+
+    async def start(self) -> str | None:
+        """Let the child mount; None once its mount is up, else why not."""
+        os.write(self._go, b"g")
+        stream = trio.lowlevel.FdStream(self._ready)
+        line = b""
+        with trio.move_on_after(START_TIMEOUT):
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(256)
+                if not chunk:
+                    break
+                line += chunk
+        await stream.aclose()
+        return parse_readiness(line.decode(errors="replace")) if line else "timed out or exited"
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            if self.returncode is None:  # another waiter may have reaped it
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    async def stop(self) -> None:
+        """Stop the child (it unmounts its mount on SIGTERM) and reap it."""
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGTERM)
+            with trio.move_on_after(30):
+                await self.wait()
+            if self.returncode is None:
+                os.kill(self.pid, signal.SIGKILL)
+                await self.wait()
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+
+    def abandon(self) -> None:
+        """If the child was never started: make it exit and reap it."""
+        if self._go >= 0 and self.returncode is None:
+            os.close(self._go)  # EOF instead of "go": the child exits at once
+            self._go = -1
+            os.waitpid(self.pid, 0)
 
 
 # --- the snapshot process -------------------------------------------------
 
-async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
+async def serve_snapshot(cfg: MountConfig, readiness: Readiness, lifeline: int) -> None:
     source = open_image(cfg.source, cfg.format, writable=False)
     target = open_image(cfg.target, cfg.target_format, writable=False)
     copymap = CopyMap.open(state_path(cfg.target))
@@ -268,7 +311,7 @@ async def serve_snapshot(cfg: MountConfig, readiness: Readiness) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
-                nursery.start_soon(_terminate_when_parent_ends)
+                nursery.start_soon(_terminate_when_parent_ends, lifeline)
                 nursery.start_soon(_raise_readahead, cfg.snapshot)
                 readiness.ready()
                 await pyfuse3.main()
@@ -296,11 +339,10 @@ async def _raise_readahead(mountpoint: str) -> None:
         log.info("snapshot readahead left at the default: %s", e)
 
 
-async def _terminate_when_parent_ends() -> None:
-    """The live process holds our stdin open while it lives. (Not
-    PR_SET_PDEATHSIG: that fires when the *thread* that started us ends, and
-    trio starts processes from worker threads that come and go.)"""
-    stream = trio.lowlevel.FdStream(os.dup(0))
+async def _terminate_when_parent_ends(lifeline: int) -> None:
+    """The live process holds the lifeline pipe open while it lives. (Not
+    PR_SET_PDEATHSIG: that fires when the *thread* that started us ends.)"""
+    stream = trio.lowlevel.FdStream(lifeline)
     while await stream.receive_some():
         pass
     log.warning("the live process is gone: stopping")
@@ -318,17 +360,26 @@ async def _terminate_on_signal() -> None:
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"%(asctime)s snapfs[{os.getpid()}] %(levelname)s: %(message)s")
+                        format="%(asctime)s snapfs[%(process)d] %(levelname)s: %(message)s")
 
 
-def run(role: str, cfg: MountConfig, readiness: Readiness) -> int:
-    """Run one process of an instance until its mount goes away. Returns the
-    exit code: 0 after a clean stop."""
+def run_live(cfg: MountConfig, readiness: Readiness) -> int:
+    """Run an instance: fork its snapshot process, then serve the live mount
+    until it goes away. Returns the exit code: 0 after a clean stop."""
+    child = SnapshotChild(cfg, inherited=readiness.fds())
     try:
-        if role == "live":
-            trio.run(LiveDaemon(cfg, readiness).run)
-        else:
-            trio.run(serve_snapshot, cfg, readiness)
+        return _run(LiveDaemon(cfg, readiness, child).run, readiness, "live")
+    finally:
+        child.abandon()
+
+
+def run_snapshot(cfg: MountConfig, readiness: Readiness, lifeline: int) -> int:
+    return _run(lambda: serve_snapshot(cfg, readiness, lifeline), readiness, "snapshot")
+
+
+def _run(main, readiness: Readiness, role: str) -> int:
+    try:
+        trio.run(main)
     except BaseException as e:  # noqa: BLE001 - report anything, then fail
         user_error = _find_user_error(e)
         if user_error is not None:
@@ -355,21 +406,11 @@ def _find_user_error(error: BaseException) -> UserError | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapfs.daemon")
-    parser.add_argument("role", choices=("live", "snapshot"))
     parser.add_argument("config")
     parser.add_argument("--ready-fd", type=int)
     args = parser.parse_args(argv)
     setup_logging()
-    cfg = MountConfig.from_json(args.config)
-    ready_fd = args.ready_fd
-    if ready_fd == 1:  # keep stdout for the pipe only; nothing else may write there
-        ready_fd = os.dup(1)
-        os.set_inheritable(ready_fd, False)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-    readiness = Readiness(ready_fd)
-    return run(args.role, cfg, readiness)
+    return run_live(MountConfig.from_json(args.config), Readiness(args.ready_fd))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class Readiness:
     def pending(self) -> bool:
         return self._fd is not None
 
+    def fds(self) -> list[int]:
+        """The descriptor still open (for a forked child to close)."""
+        return [] if self._fd is None else [self._fd]
+
 
 def parse_readiness(line: str) -> str | None:
     """None if `line` says ready, else the reason the start failed."""
