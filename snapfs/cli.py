@@ -39,11 +39,13 @@ def parse_size(text: str) -> int:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    raise AssertionError
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _cluster_size(text: str) -> int:
@@ -69,8 +71,7 @@ def _speed(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
-        self.exit(2, f"snapfs: {message} (see snapfs {self.prog.split()[-1]} --help)\n"
-                  if " " in self.prog else f"snapfs: {message} (see snapfs --help)\n")
+        self.exit(2, f"snapfs: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +252,7 @@ def _stop_daemon(process: subprocess.Popen, mount_points: list[str]) -> None:
         process.wait()
     for path in mount_points:
         if control.mount_type(path):
-            _lazy_unmount(path)
+            control.lazy_unmount(path)
 
 
 def _check_serving(paths: list[str], timeout: float = 60) -> None:
@@ -332,35 +333,21 @@ def cmd_umount(args) -> int:
     try:
         info = control.status(live)
     except control.DaemonGone:
-        _lazy_unmount(live)
+        control.lazy_unmount(live)
         raise UserError(f"{args.live}: the daemon had died; unmounted what was left; "
                         "the target may be incomplete") from None
     control.send(live, "umount")
     deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while process_running(info["pid"]):
+    while control.process_running(info["pid"]):
         if time.monotonic() > deadline:
             raise UserError(f"the snapfs daemon (pid {info['pid']}) did not stop in time")
         time.sleep(0.05)
     left = [p for p in (live, os.path.dirname(info["snapshot"])) if control.mount_type(p)]
     if left:
         for path in left:
-            _lazy_unmount(path)
+            control.lazy_unmount(path)
         raise UserError(f"the daemon exited but left {', '.join(left)} mounted; unmounted now")
     return 0
-
-
-def process_running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie no longer does)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _lazy_unmount(path: str) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", path], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 COMMANDS = {"mount": cmd_mount, "status": cmd_status, "wait": cmd_wait,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 from typing import NamedTuple
 
 from snapfs.errors import UserError
@@ -101,3 +102,18 @@ def status(live: str) -> dict:
 
 def send(live: str, command: str) -> None:
     _call(live, os.setxattr, COMMAND_XATTR, command.encode())
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def lazy_unmount(path: str) -> None:
+    """Detach whatever FUSE mount is left on `path` (`fusermount3 -u -z`)."""
+    subprocess.run(["fusermount3", "-u", "-z", path], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -126,9 +126,6 @@ class CopyMap:
         lowest = (byte & -byte).bit_length() - 1
         return min((match.start() - HEADER_SIZE) * 8 + lowest, end)
 
-    def count_copied(self) -> int:
-        return int.from_bytes(self._mm[HEADER_SIZE:], "little").bit_count()
-
     def flush(self) -> None:
         self._mm.flush()
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -36,7 +34,7 @@ import trio
 from snapfs import control
 from snapfs.cbw import CopyBeforeWrite
 from snapfs.copymap import CopyMap
-from snapfs.errors import UserError
+from snapfs.errors import UserError, innermost
 from snapfs.instance import MountConfig, Readiness, parse_readiness, state_path
 from snapfs.fuse_live import LiveOperations
 from snapfs.fuse_snapshot import SnapshotOperations
@@ -190,7 +188,7 @@ class LiveDaemon:
                 await child.stop()
             if control.mount_type(self.cfg.snapshot) == control.SNAPSHOT_FSTYPE:
                 log.warning("the snapshot process left its mount behind: unmounting it")
-                subprocess.run(["fusermount3", "-u", "-z", self.cfg.snapshot], check=False)
+                control.lazy_unmount(self.cfg.snapshot)
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -381,7 +379,7 @@ def _run(main, readiness: Readiness, role: str) -> int:
     try:
         trio.run(main)
     except BaseException as e:  # noqa: BLE001 - report anything, then fail
-        user_error = _find_user_error(e)
+        user_error = innermost(e, UserError)
         if user_error is not None:
             readiness.failed(str(user_error))
         else:
@@ -389,19 +387,6 @@ def _run(main, readiness: Readiness, role: str) -> int:
             readiness.failed(f"internal error: {e!r}")
         return 1
     return 0
-
-
-def _find_user_error(error: BaseException) -> UserError | None:
-    """The UserError in `error`, which trio's nurseries may have wrapped in
-    exception groups."""
-    if isinstance(error, UserError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = _find_user_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

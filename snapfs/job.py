@@ -19,6 +19,7 @@ import logging
 import trio
 
 from snapfs.cbw import CopyBeforeWrite
+from snapfs.errors import innermost
 from snapfs.instance import SYNC_MODES
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,11 @@ class BackupJob:
         cs = self.engine.cluster_size
         return min(end * cs, self.engine.size) - first * cs
 
-    def cancel(self) -> bool:
-        """Stop the copy at the next run boundary, for good. False if it is not
-        running."""
-        if self.state != "running" or self.sync == "none":
-            return False
-        self._stop.set()
-        return True
+    def cancel(self) -> None:
+        """Stop the copy at the next run boundary, for good (nothing to do
+        unless a copy is running)."""
+        if self.state == "running" and self.sync != "none":
+            self._stop.set()
 
     def stop(self) -> None:
         """Stop the copy because snapfs is shutting down."""
@@ -155,10 +154,8 @@ class BackupJob:
 
 
 def _describe(error: BaseException) -> str:
-    """One line for the first error in `error` (which the copy workers'
-    nursery may have wrapped in exception groups)."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
+    """One line for the first error in `error`."""
+    error = innermost(error)
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from snapfs import control
-from snapfs.cli import process_running
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -69,7 +68,7 @@ def _kill(pid: int) -> None:
             time.sleep(0.1)
 
 
-alive = process_running
+alive = control.process_running
 
 
 @dataclass

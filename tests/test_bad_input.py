@@ -125,7 +125,7 @@ def test_target_inside_mount_point(setup):
     refuse(root, *mount_args(root, target=root / "live" / "t.img"), expect="inside the mount point")
 
 
-def test_existing_target_needs_force(setup, mount):
+def test_existing_target_needs_force(setup):
     root, source = setup
     (root / "target.img").write_text("keep me")
     refuse(root, *mount_args(root), expect="already exists (use --force")

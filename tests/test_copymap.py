@@ -36,7 +36,7 @@ def test_bits_against_a_set(tmp_path, clusters, data):
             assert reader.next_uncopied(a, b) == min(
                 (c for c in range(a, b) if c not in model), default=b)
             assert reader.next_copied(a, b) == min((c for c in model if a <= c < b), default=b)
-            assert reader.count_copied() == len(model)
+            assert reader.copied(0, clusters).bit_count() == len(model)
     finally:
         reader.close()
         writer.close()

@@ -158,7 +158,7 @@ def test_concurrent_writers_and_snapshot_readers_through_fuse(tmp_path, mount, f
     source = write_image(tmp_path / "disk.img", original)
     extra = []
     if fmt == "qcow2":
-        base = write_image(tmp_path / "base.raw", random_bytes(16 * MiB, seed=6))
+        write_image(tmp_path / "base.raw", random_bytes(16 * MiB, seed=6))
         overlay = tmp_path / "overlay.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=16k",
                         "-b", "base.raw", "-F", "raw", str(overlay)], check=True)
