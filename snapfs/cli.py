@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import stat
 import subprocess
 import sys
 import threading
 import time
 
-from snapfs import control
+from snapfs import control, mounts
 from snapfs.errors import UserError
+from snapfs.units import human, parse_size
 from snapfs.image import FORMATS, open_image
 from snapfs.instance import (SYNC_MODES, MountConfig, Readiness, log_path, parse_readiness,
                              state_path)
@@ -25,27 +25,8 @@ from snapfs.instance import (SYNC_MODES, MountConfig, Readiness, log_path, parse
 QCOW2_MAGIC = b"QFI\xfb"
 MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 2 << 20
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 #: how long `umount` waits for the daemon to flush and exit
 UMOUNT_TIMEOUT = 300
-
-
-def parse_size(text: str) -> int:
-    """'65536', '64K', '64k', '64KiB', '1M', ... as a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?B)?\s*", text)
-    if not match:
-        raise ValueError(f"not a size: {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
-
-
-def human(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def _cluster_size(text: str) -> int:
@@ -154,7 +135,7 @@ def check_mount_args(args) -> "MountConfig":
                       ((args.live, "LIVE"), (args.snapshot, "SNAPSHOT")))
     if live == snapshot:
         raise UserError(f"LIVE and SNAPSHOT are the same directory: {args.live}")
-    if _inside(live, snapshot) or _inside(snapshot, live):
+    if mounts.inside(live, snapshot) or mounts.inside(snapshot, live):
         raise UserError("LIVE and SNAPSHOT must not lie inside each other")
 
     target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.target))),
@@ -166,11 +147,11 @@ def check_mount_args(args) -> "MountConfig":
     if not os.path.basename(args.target):
         raise UserError(f"target {args.target}: names a directory, not a file")
     for mount_point in (live, snapshot):
-        if _inside(target, mount_point):
+        if mounts.inside(target, mount_point):
             raise UserError(f"target {args.target}: inside the mount point {mount_point}")
-    inside = control.snapfs_mount_containing(target_dir)
-    if inside:
-        raise UserError(f"target {args.target}: inside the snapfs mount {inside}")
+    other = mounts.snapfs_mount_containing(target_dir)
+    if other:
+        raise UserError(f"target {args.target}: inside the snapfs mount {other}")
     for path in (target, state_path(target), log_path(target)):
         if os.path.realpath(path) == os.path.realpath(source) or _same_file(path, st):
             raise UserError(f"target {args.target}: is the source")
@@ -186,17 +167,13 @@ def check_mount_args(args) -> "MountConfig":
 
 def _check_mount_point(path: str, what: str) -> str:
     real = os.path.realpath(path)
-    if control.mount_type(real) is not None:
+    if mounts.mount_type(real) is not None:
         raise UserError(f"{what} {path}: busy, something is mounted there already")
     if not os.path.exists(real):
         raise UserError(f"{what} {path}: no such directory")
     if not os.path.isdir(real):
         raise UserError(f"{what} {path}: not a directory")
     return real
-
-
-def _inside(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _same_file(path: str, st: os.stat_result) -> bool:
@@ -251,8 +228,8 @@ def _stop_daemon(process: subprocess.Popen, mount_points: list[str]) -> None:
         process.kill()
         process.wait()
     for path in mount_points:
-        if control.mount_type(path):
-            control.lazy_unmount(path)
+        if mounts.mount_type(path):
+            mounts.lazy_unmount(path)
 
 
 def _check_serving(paths: list[str], timeout: float = 60) -> None:
@@ -333,7 +310,7 @@ def cmd_umount(args) -> int:
     try:
         info = control.status(live)
     except control.DaemonGone:
-        control.lazy_unmount(live)
+        mounts.lazy_unmount(live)
         raise UserError(f"{args.live}: the daemon had died; unmounted what was left; "
                         "the target may be incomplete") from None
     control.send(live, "umount")
@@ -342,10 +319,10 @@ def cmd_umount(args) -> int:
         if time.monotonic() > deadline:
             raise UserError(f"the snapfs daemon (pid {info['pid']}) did not stop in time")
         time.sleep(0.05)
-    left = [p for p in (live, os.path.dirname(info["snapshot"])) if control.mount_type(p)]
+    left = [p for p in (live, os.path.dirname(info["snapshot"])) if mounts.mount_type(p)]
     if left:
         for path in left:
-            control.lazy_unmount(path)
+            mounts.lazy_unmount(path)
         raise UserError(f"the daemon exited but left {', '.join(left)} mounted; unmounted now")
     return 0
 

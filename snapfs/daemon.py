@@ -31,17 +31,17 @@ import time
 import pyfuse3
 import trio
 
-from snapfs import control
-from snapfs.cbw import CopyBeforeWrite
-from snapfs.copymap import CopyMap
+from snapfs import control, mounts
+from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.copymap import CopyMap
 from snapfs.errors import UserError, innermost
 from snapfs.instance import MountConfig, Readiness, parse_readiness, state_path
-from snapfs.fuse_live import LiveOperations
-from snapfs.fuse_snapshot import SnapshotOperations
+from snapfs.fuse.live import LiveOperations
+from snapfs.fuse.snapshot import SnapshotOperations
 from snapfs.image import open_image
-from snapfs.job import BackupJob
-from snapfs.snapshot import SnapshotReader
-from snapfs.target import create_target
+from snapfs.backup.job import BackupJob
+from snapfs.backup.reader import SnapshotReader
+from snapfs.backup.target import create_target
 
 log = logging.getLogger("snapfs")
 
@@ -186,9 +186,9 @@ class LiveDaemon:
         finally:
             with trio.CancelScope(shield=True):
                 await child.stop()
-            if control.mount_type(self.cfg.snapshot) == control.SNAPSHOT_FSTYPE:
+            if mounts.mount_type(self.cfg.snapshot) == mounts.SNAPSHOT_FSTYPE:
                 log.warning("the snapshot process left its mount behind: unmounting it")
-                control.lazy_unmount(self.cfg.snapshot)
+                mounts.lazy_unmount(self.cfg.snapshot)
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import control
+from snapfs import control, mounts
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -40,7 +40,7 @@ def write_image(path: Path, data: bytes) -> Path:
 
 
 def is_mounted(path) -> bool:
-    return control.mount_type(str(path)) is not None
+    return mounts.mount_type(str(path)) is not None
 
 
 def force_unmount(path) -> None:
@@ -158,7 +158,7 @@ def mount(tmp_path):
 def no_leftover_mounts(tmp_path):
     """Fail a test that leaves a FUSE mount under its directory, and clean up."""
     yield
-    left = [m.point for m in control.mount_table()
+    left = [m.point for m in mounts.mount_table()
             if m.fstype.startswith("fuse") and m.point.startswith(str(tmp_path))]
     for mp in reversed(left):
         force_unmount(mp)

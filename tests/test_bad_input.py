@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import control, is_mounted, random_bytes, run_snapfs, write_image
+from conftest import mounts, is_mounted, random_bytes, run_snapfs, write_image
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -37,7 +37,7 @@ def setup(tmp_path):
 
 
 def mounts_under(root: Path) -> list:
-    return [m for m in control.mount_table() if m.point.startswith(str(root))]
+    return [m for m in mounts.mount_table() if m.point.startswith(str(root))]
 
 
 def refuse(root: Path, *args, expect: str) -> str:

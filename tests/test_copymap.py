@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapfs.copymap import CopyMap
+from snapfs.backup.copymap import CopyMap
 
 CLUSTER = 4096
 

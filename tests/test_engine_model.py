@@ -18,10 +18,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapfs.cbw import CopyBeforeWrite
-from snapfs.copymap import CopyMap
-from snapfs.raw import RawImage
-from snapfs.snapshot import SnapshotReader
+from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.copymap import CopyMap
+from snapfs.image.raw import RawImage
+from snapfs.backup.reader import SnapshotReader
 
 CLUSTER = 4096
 SIZE = 15 * CLUSTER + 1234  # the last cluster is partial

@@ -46,7 +46,7 @@ WRITTEN = [(offset, offset + length) for offset, length in WRITES]
 
 
 def data_extents(path) -> list[tuple[int, int]]:
-    from snapfs.raw import RawImage
+    from snapfs.image.raw import RawImage
 
     image = RawImage.open(str(path))
     try:

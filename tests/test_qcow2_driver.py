@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapfs.errors import UserError
-from snapfs.qcow2 import Qcow2Image
+from snapfs.image.qcow2 import Qcow2Image
 
 KiB, MiB = 1 << 10, 1 << 20
 

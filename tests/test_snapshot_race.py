@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from conftest import random_bytes, write_image
-from snapfs.cbw import CopyBeforeWrite
-from snapfs.copymap import CopyMap
-from snapfs.job import BackupJob
-from snapfs.raw import RawImage
-from snapfs.snapshot import SnapshotReader
+from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.copymap import CopyMap
+from snapfs.backup.job import BackupJob
+from snapfs.image.raw import RawImage
+from snapfs.backup.reader import SnapshotReader
 
 CLUSTER = 64 << 10
 MiB = 1 << 20

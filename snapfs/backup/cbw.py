@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from snapfs.copymap import CopyMap
-from snapfs.image import Image
+from snapfs.backup.copymap import CopyMap
+from snapfs.image.base import Image
 
 
 @dataclass(eq=False)

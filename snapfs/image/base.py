@@ -2,7 +2,7 @@
 
 An image is a fixed-size array of bytes (the guest view). The rest of snapfs
 only ever talks to images through this interface, so a new format (qcow2, say)
-is one new class plus one entry in `open_image` / `create_image`.
+is one new class plus one entry in `snapfs.image.DRIVERS`.
 
 All methods are synchronous and thread-safe for distinct byte ranges: the
 background copy calls them from a worker thread while the FUSE handlers call
@@ -56,37 +56,3 @@ class Image(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the image; no other method may be called afterwards."""
-
-
-FORMATS = ("raw", "qcow2")
-
-
-def _driver(fmt: str):
-    if fmt == "raw":
-        from snapfs.raw import RawImage
-
-        return RawImage
-    if fmt == "qcow2":
-        from snapfs.qcow2 import Qcow2Image
-
-        return Qcow2Image
-    raise ValueError(f"unknown image format {fmt!r}")
-
-
-def open_image(path: str, fmt: str = "raw", writable: bool = False) -> Image:
-    """Open an existing image of format `fmt`."""
-    return _driver(fmt).open(path, writable=writable)
-
-
-def create_image(path: str, size: int, fmt: str = "raw", overwrite: bool = False,
-                 cluster_size: int = 65536, backing_file: str | None = None,
-                 backing_format: str | None = None) -> Image:
-    """Create a new image of `size` bytes, open for writing. Where it has no
-    backing file it reads as zeroes; a qcow2 image may have one (`backing_file`
-    as it is to be stored, relative to `path`'s directory, and its format)."""
-    if fmt == "raw":
-        if backing_file is not None:
-            raise ValueError("a raw image has no backing file")
-        return _driver(fmt).create(path, size, overwrite=overwrite)
-    return _driver(fmt).create(path, size, cluster_size=cluster_size, backing_file=backing_file,
-                               backing_format=backing_format, overwrite=overwrite)

@@ -12,8 +12,8 @@ import os
 
 import pyfuse3
 
-from snapfs.fuse_base import SingleFileOperations, fuse_errors
-from snapfs.snapshot import SnapshotReader
+from snapfs.fuse.single_file import SingleFileOperations, fuse_errors
+from snapfs.backup.reader import SnapshotReader
 
 
 class SnapshotOperations(SingleFileOperations):

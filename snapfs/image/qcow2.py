@@ -101,8 +101,8 @@ from collections import Counter, OrderedDict
 from typing import Iterator
 
 from snapfs.errors import UserError
-from snapfs.image import Image
-from snapfs.raw import RawImage, punch_hole
+from snapfs.image.base import Image
+from snapfs.image.raw import RawImage, punch_hole
 
 MAGIC = b"QFI\xfb"
 

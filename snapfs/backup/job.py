@@ -18,7 +18,7 @@ import logging
 
 import trio
 
-from snapfs.cbw import CopyBeforeWrite
+from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.errors import innermost
 from snapfs.instance import SYNC_MODES
 

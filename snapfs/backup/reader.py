@@ -12,8 +12,8 @@ final, so that one re-check is enough. docs/design.md has the full argument.
 
 from __future__ import annotations
 
-from snapfs.copymap import CopyMap
-from snapfs.image import Image
+from snapfs.backup.copymap import CopyMap
+from snapfs.image.base import Image
 
 
 def _runs(mask: int, count: int):

@@ -13,8 +13,8 @@ import pyfuse3
 import trio
 
 from snapfs import control
-from snapfs.cbw import CopyBeforeWrite
-from snapfs.fuse_base import SingleFileOperations, fuse_errors
+from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.fuse.single_file import SingleFileOperations, fuse_errors
 
 _STATUS = control.STATUS_XATTR.encode()  # pyfuse3 passes attribute names as bytes
 _COMMAND = control.COMMAND_XATTR.encode()

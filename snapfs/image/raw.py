@@ -9,7 +9,7 @@ import os
 import threading
 from typing import Iterator
 
-from snapfs.image import Image
+from snapfs.image.base import Image
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-from snapfs.image import Image, create_image
+from snapfs.image import create_image
+from snapfs.image.base import Image
 
 
 def backing_for(sync: str, source: Image, source_format: str,

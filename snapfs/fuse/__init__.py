@@ -1,0 +1,1 @@
+"""The FUSE file systems: thin handlers over the image and backup layers."""

@@ -1,0 +1,37 @@
+"""Disk image formats behind one interface (`snapfs.image.base.Image`):
+raw and qcow2, opened and created by format name."""
+
+from __future__ import annotations
+
+from snapfs.image.base import Image
+from snapfs.image.qcow2 import Qcow2Image
+from snapfs.image.raw import RawImage
+
+DRIVERS = {"raw": RawImage, "qcow2": Qcow2Image}
+FORMATS = tuple(DRIVERS)
+
+
+def _driver(fmt: str):
+    try:
+        return DRIVERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown image format {fmt!r}") from None
+
+
+def open_image(path: str, fmt: str = "raw", writable: bool = False) -> Image:
+    """Open an existing image of format `fmt`."""
+    return _driver(fmt).open(path, writable=writable)
+
+
+def create_image(path: str, size: int, fmt: str = "raw", overwrite: bool = False,
+                 cluster_size: int = 65536, backing_file: str | None = None,
+                 backing_format: str | None = None) -> Image:
+    """Create a new image of `size` bytes, open for writing. Where it has no
+    backing file it reads as zeroes; a qcow2 image may have one (`backing_file`
+    as it is to be stored, relative to `path`'s directory, and its format)."""
+    if fmt == "raw":
+        if backing_file is not None:
+            raise ValueError("a raw image has no backing file")
+        return _driver(fmt).create(path, size, overwrite=overwrite)
+    return _driver(fmt).create(path, size, cluster_size=cluster_size, backing_file=backing_file,
+                               backing_format=backing_format, overwrite=overwrite)
