@@ -1,0 +1,233 @@
+"""The measures: which workload runs on which system, on which image, and
+under which sample key its figure is filed.
+
+They come in groups (GROUPS); a group is one session of one system (one mount
+or one daemon, set up and torn down inside the group), so that the run loop
+can alternate the systems group by group. A group raises MeasureError when a
+measure cannot be taken; its mounts and processes are gone when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator
+
+from benchlib.config import KiB, MiB, BenchConfig
+from benchlib.host import MeasureError, PageCache, fsync_file, log, remove, run
+from benchlib.qemu_side import qemu_backup, qemu_backup_daemon, qemu_cbw
+from benchlib.results import REFERENCE, Results
+from benchlib.snapfs_side import SnapfsInstance, snapfs_python
+from benchlib.workloads import (CLUSTER, compare, copy_file, dd_read_cold, dd_write, fill_random,
+                                fio, replay_log)
+
+#: the measure groups, in the order they run in every repetition
+GROUPS = ("write", "copy", "top", "memory")
+
+
+class Measures:
+    """The images of a run and the measure groups that use them."""
+
+    def __init__(self, config: BenchConfig, results: Results):
+        self.config = config
+        self.results = results
+        self.workdir = config.workdir
+        self.img = config.img
+
+    def run_group(self, group: str, system: str, rep: int) -> None:
+        getattr(self, f"group_{group}")(system, rep)
+
+    # --- images
+
+    def prepare(self) -> None:
+        """The random image, the write input, and the sparse image (TOP copy)."""
+        size, half = self.config.size, self.config.half
+        os.makedirs(self.img(""), exist_ok=True)
+        log(f"generating images in {self.workdir} ({size // MiB} MiB)")
+        fill_random(self.img("base.img"), size)
+        fill_random(self.img("input.bin"), half)
+        # sparse: 10% allocated, in 256 KiB extents scattered over the image
+        extent = 256 * KiB
+        slots = size // extent
+        chosen = sorted(random.Random(42).sample(
+            range(slots), max(1, round(slots * self.config.sparse_share))))
+        path = self.img("sparse.img")
+        remove(path)
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for s in chosen:
+                f.seek(s * extent)
+                f.write(os.urandom(extent))
+        allocated = os.stat(path).st_blocks * 512
+        self.results.sparse_allocated = allocated
+        self.results.note(
+            f"sparse image: {size // MiB} MiB virtual, {allocated / MiB:.1f} MiB "
+            f"allocated ({100 * allocated / size:.1f}%) in {len(chosen)} extents of "
+            f"{extent // KiB} KiB")
+        os.sync()
+
+    # --- the live disk and its snapshot, on either system
+
+    @contextlib.contextmanager
+    def live_disk(self, system: str, disk: str, target_name: str) -> Iterator:
+        """A live disk of `disk` and its snapshot (sync none), as `.live` and
+        `.snapshot`; the target is img/snapfs-NAME.img or img/qemu-NAME.qcow2."""
+        if system == "snapfs":
+            with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
+                instance.mount_with_snapshot(self.img(f"snapfs-{target_name}.img"), "none")
+                yield instance
+        else:
+            target = self.img(f"qemu-{target_name}.qcow2")
+            remove(target)
+            with qemu_cbw(self.workdir, disk, target, self.results.note) as daemon:
+                yield daemon
+
+    # --- the groups; each is one session of one system
+
+    def group_write(self, system: str, rep: int) -> None:
+        """Writes to the live disk, then cold reads of the snapshot, then cmp."""
+        add, size, half = self.results.add, self.config.size, self.config.half
+        disk = self.img("disk.img")
+        copy_file(self.img("base.img"), disk)
+        PageCache.drop()
+        with self.live_disk(system, disk, "target") as instance:
+            live, snap = instance.live, instance.snapshot
+            add("seq_first", system, dd_write(self.img("input.bin"), live, half))
+            add("seq_over", system, dd_write(self.img("input.bin"), live, half))
+            # one 4 KiB write in each of half of the clusters of the untouched half
+            clusters = list(range(half // CLUSTER, size // CLUSTER))
+            rng = random.Random(1000 + rep)
+            chosen = rng.sample(clusters, len(clusters) // 2)
+            iolog = os.path.join(self.workdir, "first-write.iolog")
+            replay_log(iolog, live, chosen, seed=rep)
+            add("rand_first", system, fio(
+                [f"--read_iolog={iolog}", "--replay_no_stall=1", "--end_fsync=1"], "write"))
+            add("rand_over", system, fio(
+                [f"--filename={live}", "--rw=randwrite", "--bs=4k", "--offset=0",
+                 f"--size={half}", f"--number_ios={self.config.rand_over_ios}",
+                 f"--randseed={rep + 1}", "--end_fsync=1"], "write"))
+            if system == "snapfs":
+                info = instance.status()
+                self.results.add_extra("clusters_copied_by_writes", system,
+                                       info["clusters_copied_by_writes"])
+            add("snap_seq", system, dd_read_cold(snap, size))
+            PageCache.drop()
+            add("snap_rand", system, fio(
+                [f"--filename={snap}", "--readonly", "--rw=randread", "--bs=4k",
+                 f"--size={size}", f"--number_ios={self.config.rand_read_ios}",
+                 f"--randseed={rep + 1}"], "read"))
+            self._check_snapshot(snap, system, rep)
+
+    def _check_snapshot(self, snap: str, system: str, rep: int) -> None:
+        """The snapshot holds the source as it was before the writes. QEMU 7.2's
+        known snapshot-access bug is reported, not counted as a failure."""
+        what = f"snapshot == source before the writes (rep {rep + 1})"
+        diff = compare(snap, self.img("base.img"), block_reads=(system == "qemu"))
+        if diff is None:
+            self.results.check(what, system, "equal")
+        elif system == "qemu":
+            self.results.check(what, system,
+                               f"DIFFERENT ({diff}); QEMU 7.2 snapshot-access bug, see notes")
+            self.results.note(
+                "QEMU's snapshot differed from the source even read with dd bs=1M (the "
+                "kernel passes smaller requests to the FUSE export): QEMU 7.2's snapshot-access "
+                "returns post-snapshot data for small reads running from a copied area into an "
+                "uncopied one (fixed in QEMU 8.0, a4d5224c2cb6): reported, not counted as a "
+                "failure")
+        else:
+            self.results.check(what, system, f"DIFFERENT ({diff})")
+            raise MeasureError(f"snapfs snapshot differs from the source: {diff}")
+
+    def group_copy(self, system: str, rep: int) -> None:
+        """FULL background copy of the whole (random) image; the cold source dd and
+        the cold cp references ride along with the snapfs turn."""
+        base = self.img("base.img")
+        if system == "snapfs":
+            self._snapfs_copy(base, self.img("snapfs-full.img"), "full", "full")
+            # references: the plain file
+            self.results.add("src_seq", REFERENCE, dd_read_cold(base, self.config.size))
+            dest = self.img("cp.img")
+            remove(dest)
+            PageCache.drop()
+            start = time.perf_counter()
+            run(["cp", base, dest])
+            self.results.add("cp", REFERENCE, time.perf_counter() - start)
+            fsync_file(dest)
+            self.results.add("cp_sync", REFERENCE, time.perf_counter() - start)
+            remove(dest)
+        else:
+            self._qemu_copy(base, self.img("qemu-full.img"), "full", "full")
+
+    def group_top(self, system: str, rep: int) -> None:
+        """TOP background copy of the sparse image."""
+        sparse = self.img("sparse.img")
+        if system == "snapfs":
+            self._snapfs_copy(sparse, self.img("snapfs-top.img"), "top", "top")
+        else:
+            self._qemu_copy(sparse, self.img("qemu-top.img"), "top", "top")
+
+    def _snapfs_copy(self, source: str, target: str, sync: str, key: str) -> None:
+        """Timed from the start of `snapfs mount` until `snapfs wait` returns."""
+        # warm snapfs' own code (Python modules), so that the cold cache is the data's
+        python = snapfs_python()
+        PageCache.drop()
+        if python:
+            run([python, "-c", "import snapfs.cli, snapfs.daemon"])
+        start = time.perf_counter()
+        with SnapfsInstance(self.workdir, source, self.results.note) as instance:
+            instance.mount_with_snapshot(target, sync)
+            instance.wait()
+            seconds = time.perf_counter() - start
+            fsync_file(target)
+            synced = time.perf_counter() - start
+            mount_seconds = instance.mount_seconds
+        self.results.add(key, "snapfs", seconds)
+        self.results.add(f"{key}_sync", "snapfs", synced)
+        self.results.add(f"{key}_mount", "snapfs", mount_seconds)
+        self._check_target(target, source, key, "snapfs")
+        remove(target, target + ".snapfs", target + ".snapfs.log")
+
+    def _qemu_copy(self, source: str, target: str, sync: str, key: str) -> None:
+        """Timed from blockdev-backup (the daemon already up) until BLOCK_JOB_COMPLETED."""
+        remove(target)
+        with open(target, "wb") as f:
+            f.truncate(os.path.getsize(source))
+        with qemu_backup_daemon(self.workdir, source, target, self.results.note) as daemon:
+            PageCache.drop()
+            start = time.perf_counter()
+            seconds = qemu_backup(daemon, sync)
+            fsync_file(target)
+            synced = time.perf_counter() - start
+        self.results.add(key, "qemu", seconds)
+        self.results.add(f"{key}_sync", "qemu", synced)
+        self._check_target(target, source, key, "qemu")
+        remove(target)
+
+    def _check_target(self, target: str, source: str, key: str, system: str) -> None:
+        """The copy equals its source (checked every time, reported once)."""
+        self.results.add_extra(f"{key}_allocated", system, os.stat(target).st_blocks * 512)
+        diff = compare(target, source, block_reads=False)
+        what = f"{key.upper()} copy: target == source"
+        if diff is None:
+            if not self.results.checked(what, system):
+                self.results.check(what, system, "equal")
+        else:
+            self.results.check(what, system, f"DIFFERENT ({diff})")
+            raise MeasureError(f"{system} {key} copy: target differs from source: {diff}")
+
+    def group_memory(self, system: str, rep: int) -> None:
+        """Start-up on a sparse huge disk, then peak RSS after random writes to it."""
+        disk = self.img("huge.img")
+        remove(disk)
+        with open(disk, "wb") as f:
+            f.truncate(self.config.memory_disk)
+        with self.live_disk(system, disk, "huge-target") as instance:
+            self.results.add("startup", system, instance.startup_seconds)
+            fio([f"--filename={instance.live}", "--rw=randwrite", "--bs=64k",
+                 f"--size={self.config.memory_disk}", f"--io_size={self.config.memory_writes}",
+                 "--norandommap", f"--randseed={rep + 1}", "--end_fsync=1"], "write")
+            self.results.add("memory", system, instance.peak_rss() / MiB)
+        remove(disk, self.img("snapfs-huge-target.img"), self.img("snapfs-huge-target.img.snapfs"),
+               self.img("snapfs-huge-target.img.snapfs.log"), self.img("qemu-huge-target.qcow2"))

@@ -1,0 +1,220 @@
+"""The QEMU anchor: qemu-storage-daemon doing snapfs' job, driven over QMP.
+
+- live disk and snapshot (qemu_cbw): a copy-before-write filter over the raw
+  source with a qcow2 target (backing: the source), exported writable over
+  FUSE as the live disk, and a snapshot-access node over it exported read-only
+  as the snapshot;
+- background copy (qemu_backup_daemon + qemu_backup): blockdev-backup (sync
+  full / top) from a raw source node to a raw target node, timed until
+  BLOCK_JOB_COMPLETED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from typing import Callable
+
+from snapfs.mounts import lazy_unmount, mount_table
+
+from benchlib.host import MeasureError, is_mounted, remove, run, vm_hwm, wait_for
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket."""
+
+    def __init__(self, path: str, timeout: float = 30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise MeasureError(f"no QMP monitor at {path}") from None
+                time.sleep(0.01)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict] = []
+        self._read(timeout)  # the greeting
+        self.command("qmp_capabilities")
+
+    def _read(self, timeout: float) -> dict:
+        self.sock.settimeout(timeout)
+        try:
+            line = self.file.readline()
+        except socket.timeout:
+            raise MeasureError(f"QMP: no answer after {timeout:.0f} s") from None
+        if not line:
+            raise MeasureError("QMP: the monitor closed the connection")
+        return json.loads(line)
+
+    def command(self, name: str, timeout: float = 60, **arguments) -> object:
+        """Its return value; events that arrive meanwhile are kept for wait_event."""
+        message = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self.file.write(json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read(timeout)
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise MeasureError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def wait_event(self, name: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event["event"] == name:
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MeasureError(f"QMP: no {name} event after {timeout:.0f} s")
+            self.events.append(self._read(left))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class QemuDaemon:
+    """A qemu-storage-daemon with a QMP monitor, in WORKDIR/qemu. Used as a
+    context manager: it is up (its FUSE exports mounted) inside, and stopped
+    after, with QMP quit, then SIGTERM, then SIGKILL, its FUSE exports
+    unmounted if left behind."""
+
+    def __init__(self, workdir: str, name: str, args: list[str], mountpoints: list[str],
+                 note: Callable[[str], None]):
+        self.name = name
+        self.note = note
+        self.dir = os.path.join(workdir, "qemu")
+        self.socket = os.path.join(self.dir, f"{name}.qmp")
+        self.log = os.path.join(self.dir, f"{name}.log")
+        self.args = args
+        self.mountpoints = mountpoints
+        self.process: subprocess.Popen | None = None
+        self.qmp: Qmp | None = None
+        self.ready_seconds: float | None = None  # start until the exports are mounted
+        # the exported files of a live-disk daemon (qemu_cbw)
+        self.live: str | None = None
+        self.snapshot: str | None = None
+
+    def __enter__(self) -> "QemuDaemon":
+        os.makedirs(self.dir, exist_ok=True)
+        remove(self.socket)
+        for mp in self.mountpoints:
+            if not os.path.exists(mp):
+                open(mp, "w").close()
+        try:
+            with open(self.log, "w") as log_file:
+                start = time.perf_counter()
+                self.process = subprocess.Popen(
+                    ["qemu-storage-daemon", *self.args,
+                     "--chardev", f"socket,id=m,path={self.socket},server=on,wait=off",
+                     "--monitor", "chardev=m"],
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+            if self.mountpoints:
+                wait_for(self._exports_up, 60, f"qemu-storage-daemon {self.name} exports")
+            self.ready_seconds = time.perf_counter() - start
+            self.qmp = Qmp(self.socket)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _exports_up(self) -> bool:
+        if self.process.poll() is not None:
+            with open(self.log) as f:
+                why = f.read().strip().splitlines()[-1:] or [f"exit {self.process.returncode}"]
+            raise MeasureError(f"qemu-storage-daemon {self.name} exited: {why[0]}")
+        table = {m.point: m.fstype for m in mount_table()}
+        return all(table.get(os.path.realpath(mp), "").startswith("fuse")
+                   for mp in self.mountpoints)
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        clean = True
+        if self.process is not None and self.process.poll() is None and self.qmp is not None:
+            try:
+                self.qmp.command("quit", timeout=30)
+                self.process.wait(timeout=60)
+            except (MeasureError, OSError, subprocess.TimeoutExpired):
+                clean = False
+        if self.qmp is not None:
+            self.qmp.close()
+        leftover = [mp for mp in self.mountpoints if is_mounted(mp)]
+        for mp in leftover:
+            lazy_unmount(mp)
+        if self.process is not None and self.process.poll() is None:
+            clean = False
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if leftover or not clean:
+            self.note(f"qemu-storage-daemon {self.name} did not stop cleanly; "
+                      "it was unmounted with fusermount3 -u -z and stopped")
+
+    @property
+    def startup_seconds(self) -> float | None:
+        return self.ready_seconds
+
+    def peak_rss(self) -> int:
+        return vm_hwm(self.process.pid)
+
+
+def qemu_cbw(workdir: str, source: str, target: str, note: Callable[[str], None]) -> QemuDaemon:
+    """The anchor's live disk and snapshot: copy-before-write + snapshot-access.
+    Creates the qcow2 target now; the daemon starts when the context is entered."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", source, "-F", "raw", target])
+    qdir = os.path.join(workdir, "qemu")
+    live, snap = os.path.join(qdir, "live.img"), os.path.join(qdir, "snap.img")
+    daemon = QemuDaemon(workdir, "cbw", [
+        "--blockdev", f"file,node-name=srcf,filename={source}",
+        "--blockdev", "raw,node-name=src,file=srcf",
+        "--blockdev", f"file,node-name=tgtf,filename={target}",
+        "--blockdev", "qcow2,node-name=tgt,file=tgtf,backing=src",
+        "--blockdev", "copy-before-write,node-name=cbw,file=src,target=tgt",
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+        "--export", f"fuse,id=e1,node-name=cbw,mountpoint={live},writable=on",
+        "--export", f"fuse,id=e2,node-name=acc,mountpoint={snap}",
+    ], [live, snap], note)
+    daemon.live, daemon.snapshot = live, snap
+    return daemon
+
+
+def qemu_backup_daemon(workdir: str, source: str, target: str,
+                       note: Callable[[str], None]) -> QemuDaemon:
+    """A plain qemu-storage-daemon with raw source and target nodes."""
+    return QemuDaemon(workdir, "backup", [
+        "--blockdev", f"file,node-name=srcf,filename={source},read-only=on",
+        "--blockdev", "raw,node-name=src,file=srcf,read-only=on",
+        "--blockdev", f"file,node-name=tgtf,filename={target}",
+        "--blockdev", "raw,node-name=tgt,file=tgtf",
+    ], [], note)
+
+
+def qemu_backup(daemon: QemuDaemon, sync: str) -> float:
+    """blockdev-backup until BLOCK_JOB_COMPLETED; seconds."""
+    start = time.perf_counter()
+    daemon.qmp.command("blockdev-backup", **{"job-id": "bench", "device": "src",
+                                             "target": "tgt", "sync": sync})
+    event = daemon.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=7200)
+    seconds = time.perf_counter() - start
+    if event["data"].get("error"):
+        raise MeasureError(f"blockdev-backup failed: {event['data']['error']}")
+    return seconds
