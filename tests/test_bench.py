@@ -3,18 +3,24 @@ anchor, measures, cleans up and writes a table with a figure for each system
 in every row. Nothing is timed: the figures of a --quick run mean nothing.
 
 It installs QEMU and fio if they are missing (through scripts/bench), then runs
-everything once on a small image: about a quarter of a minute.
+everything once on a small image: about a quarter of a minute. The other tests
+here need neither root nor QEMU: the command line's errors, and the report's
+rows built from made-up samples.
 """
 
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
 
+from snapfs.mounts import inside, mount_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_PY = os.path.join(ROOT, "scripts", "bench.py")
 
 #: the start of every row the table must have
 ROWS = [
@@ -36,9 +42,8 @@ ROWS = [
 
 
 def _mounted_under(directory: str) -> list[str]:
-    prefix = os.path.realpath(directory) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    directory = os.path.realpath(directory)
+    return [m.point for m in mount_table() if m.point != directory and inside(m.point, directory)]
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -98,3 +103,81 @@ def test_bench_quick_produces_a_full_table(tmp_path):
     for heading in ("## Correctness checks", "## All samples", "## Machine"):
         assert heading in report
     assert "qemu-storage-daemon version" in report
+
+
+def _bench_py(*args: str) -> subprocess.CompletedProcess:
+    """scripts/bench.py itself, without the install step of scripts/bench."""
+    return subprocess.run([sys.executable, BENCH_PY, *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--size", "3X"], "argument --size: not a size: '3X'"),
+    (["--memory-disk", "1.5G"], "argument --memory-disk: not a size: '1.5G'"),
+    (["--size", "3M"], "--size must be a multiple of 2 MiB, at least 4 MiB"),
+    (["--groups", "write,nope"], "unknown groups: nope"),
+])
+def test_bad_options_are_usage_errors(args, error):
+    result = _bench_py(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == f"scripts/bench: error: {error}"
+
+
+@pytest.fixture
+def benchlib(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import benchlib.report
+    return benchlib
+
+
+def test_report_rows_from_samples(benchlib):
+    from benchlib.config import MiB, BenchConfig
+    from benchlib.results import REFERENCE, Results
+
+    config = BenchConfig(size=64 * MiB, repeat=1, workdir="/nonexistent", output="/nonexistent",
+                         quick=True, groups=("write",), memory_disk=1 << 40)
+    results = Results()
+    for key, snapfs, qemu in [("seq_first", 400, 100), ("seq_over", 300, 200),
+                              ("rand_first", 1000, 1000), ("rand_over", 1, 2),
+                              ("snap_seq", 900, 600), ("snap_rand", 3, 3),
+                              ("full", 1.0, 4.0), ("full_sync", 1.0, 1.0),
+                              ("top", 0.2, 0.5), ("memory", 50, 40), ("startup", 0.3, 0.1)]:
+        results.add(key, "snapfs", snapfs)
+        results.add(key, "qemu", qemu)
+    results.add("full_mount", "snapfs", 0.1)
+    results.add("top_mount", "snapfs", 0.1)
+    results.add("src_seq", REFERENCE, 1000)
+    results.add("cp", REFERENCE, 2.0)
+    results.sparse_allocated = 64 * MiB // 10
+
+    rows = benchlib.report.build_rows(config, results)
+    assert [row["measure"] for row in rows][:2] == [
+        "First-write sequential (dd 1M, 32 MiB, fdatasync)",
+        "Overwrite sequential (dd 1M, 32 MiB, fdatasync)"]
+    assert len(rows) == len(ROWS)
+    for start, row in zip(ROWS, rows):
+        assert row["measure"].startswith(start), (start, row)
+    by_start = dict(zip(ROWS, rows))
+    assert by_start["First-write sequential"]["versus"] == "4.00x faster"
+    assert by_start["First-write sequential"]["met"] == "met"
+    assert by_start["Overwrite 4 KiB random"]["versus"] == "2.00x slower"
+    assert by_start["Overwrite 4 KiB random"]["met"] == "**NOT met**"
+    assert by_start["FULL background copy"]["versus"] == "4.00x faster"
+    assert by_start["FULL copy time ÷ cold cp"]["snapfs"] == "0.50"
+    assert by_start["TOP time ÷ FULL time"]["snapfs"] == "0.11"  # (0.2 - 0.1) / (1.0 - 0.1)
+    assert by_start["Peak memory"]["versus"] == "1.25x more"
+    assert by_start["FULL copy, until done + fsync"]["met"] == "—"
+
+    table = benchlib.report.markdown_table(rows)
+    assert table.count("\n") == len(ROWS) + 2
+
+
+def test_report_without_figures(benchlib):
+    from benchlib.config import MiB, BenchConfig
+    from benchlib.results import Results
+
+    config = BenchConfig(size=64 * MiB, repeat=1, workdir="/nonexistent", output="/nonexistent",
+                         quick=True, groups=("write",), memory_disk=1 << 40)
+    rows = benchlib.report.build_rows(config, Results())
+    assert len(rows) == len(ROWS)
+    assert all(row["snapfs"] == "failed" and row["met"] == "no figure" for row in rows)
