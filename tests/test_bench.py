@@ -181,3 +181,32 @@ def test_report_without_figures(benchlib):
     rows = benchlib.report.build_rows(config, Results())
     assert len(rows) == len(ROWS)
     assert all(row["snapfs"] == "failed" and row["met"] == "no figure" for row in rows)
+
+
+def test_qemu_anchor_with_one_target_is_the_one_measured(benchlib, monkeypatch):
+    """qemu_cbw stacks a filter per target; with one it is the setup the
+    figures in docs/benchmarks.md were taken with."""
+    from benchlib import qemu_side
+
+    created = []
+    monkeypatch.setattr(qemu_side, "run", lambda cmd, **kwargs: created.append(cmd))
+    daemon = qemu_side.qemu_cbw("/w", "/w/img/disk.img", ["/w/img/t.qcow2"], print)
+    assert created == [["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/w/img/disk.img",
+                        "-F", "raw", "/w/img/t.qcow2"]]
+    assert daemon.args == [
+        "--blockdev", "file,node-name=srcf,filename=/w/img/disk.img",
+        "--blockdev", "raw,node-name=src,file=srcf",
+        "--blockdev", "file,node-name=tgtf,filename=/w/img/t.qcow2",
+        "--blockdev", "qcow2,node-name=tgt,file=tgtf,backing=src",
+        "--blockdev", "copy-before-write,node-name=cbw,file=src,target=tgt",
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+        "--export", "fuse,id=e1,node-name=cbw,mountpoint=/w/qemu/live.img,writable=on",
+        "--export", "fuse,id=e2,node-name=acc,mountpoint=/w/qemu/snap.img",
+    ]
+    assert (daemon.live, daemon.snapshot) == ("/w/qemu/live.img", "/w/qemu/snap.img")
+
+    stacked = qemu_side.qemu_cbw("/w", "/w/img/disk.img", ["/w/a", "/w/b", "/w/c"], print)
+    assert "copy-before-write,node-name=cbw3,file=cbw2,target=tgt3" in stacked.args
+    assert "fuse,id=e1,node-name=cbw3,mountpoint=/w/qemu/live.img,writable=on" in stacked.args
+    assert stacked.mountpoints == ["/w/qemu/live.img", "/w/qemu/snap.img",
+                                   "/w/qemu/snap2.img", "/w/qemu/snap3.img"]

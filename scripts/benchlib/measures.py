@@ -73,7 +73,11 @@ class Measures:
     @contextlib.contextmanager
     def live_disk(self, system: str, disk: str, target_name: str) -> Iterator:
         """A live disk of `disk` and its snapshot (sync none), as `.live` and
-        `.snapshot`; the target is img/snapfs-NAME.img or img/qemu-NAME.qcow2."""
+        `.snapshot`; the target is img/snapfs-NAME.img or img/qemu-NAME.qcow2.
+
+        For N snapshots (the first-write rows with 1, 2, 4, 8 snapshots), QEMU
+        takes N targets already (qemu_cbw stacks N filters); snapfs needs
+        `snapfs snapshot` (see benchlib.snapfs_side)."""
         if system == "snapfs":
             with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
                 instance.mount_with_snapshot(self.img(f"snapfs-{target_name}.img"), "none")
@@ -81,7 +85,7 @@ class Measures:
         else:
             target = self.img(f"qemu-{target_name}.qcow2")
             remove(target)
-            with qemu_cbw(self.workdir, disk, target, self.results.note) as daemon:
+            with qemu_cbw(self.workdir, disk, [target], self.results.note) as daemon:
                 yield daemon
 
     # --- the groups; each is one session of one system

@@ -108,6 +108,7 @@ class QemuDaemon:
         # the exported files of a live-disk daemon (qemu_cbw)
         self.live: str | None = None
         self.snapshot: str | None = None
+        self.snapshots: list[str] = []
 
     def __enter__(self) -> "QemuDaemon":
         os.makedirs(self.dir, exist_ok=True)
@@ -177,23 +178,36 @@ class QemuDaemon:
         return vm_hwm(self.process.pid)
 
 
-def qemu_cbw(workdir: str, source: str, target: str, note: Callable[[str], None]) -> QemuDaemon:
+def qemu_cbw(workdir: str, source: str, targets: list[str],
+             note: Callable[[str], None]) -> QemuDaemon:
     """The anchor's live disk and snapshot: copy-before-write + snapshot-access.
-    Creates the qcow2 target now; the daemon starts when the context is entered."""
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", source, "-F", "raw", target])
+    Creates the qcow2 targets now; the daemon starts when the context is entered.
+
+    With several targets the filters are stacked, the first over the source and
+    each next over the one before, the live disk on the top one: a first write
+    copies the old cluster to every target, as snapfs does for each of its
+    snapshots. `snapshots` lists one export per target (`snapshot` is the first).
+    """
     qdir = os.path.join(workdir, "qemu")
-    live, snap = os.path.join(qdir, "live.img"), os.path.join(qdir, "snap.img")
-    daemon = QemuDaemon(workdir, "cbw", [
-        "--blockdev", f"file,node-name=srcf,filename={source}",
-        "--blockdev", "raw,node-name=src,file=srcf",
-        "--blockdev", f"file,node-name=tgtf,filename={target}",
-        "--blockdev", "qcow2,node-name=tgt,file=tgtf,backing=src",
-        "--blockdev", "copy-before-write,node-name=cbw,file=src,target=tgt",
-        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
-        "--export", f"fuse,id=e1,node-name=cbw,mountpoint={live},writable=on",
-        "--export", f"fuse,id=e2,node-name=acc,mountpoint={snap}",
-    ], [live, snap], note)
-    daemon.live, daemon.snapshot = live, snap
+    live = os.path.join(qdir, "live.img")
+    args = ["--blockdev", f"file,node-name=srcf,filename={source}",
+            "--blockdev", "raw,node-name=src,file=srcf"]
+    snapshots, exports = [], []
+    below = "src"
+    for i, target in enumerate(targets):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", source, "-F", "raw", target])
+        n = "" if i == 0 else str(i + 1)  # one filter: the node names of old
+        snapshot = os.path.join(qdir, f"snap{n}.img")
+        args += ["--blockdev", f"file,node-name=tgtf{n},filename={target}",
+                 "--blockdev", f"qcow2,node-name=tgt{n},file=tgtf{n},backing=src",
+                 "--blockdev", f"copy-before-write,node-name=cbw{n},file={below},target=tgt{n}",
+                 "--blockdev", f"snapshot-access,node-name=acc{n},file=cbw{n}"]
+        exports += ["--export", f"fuse,id=e{i + 2},node-name=acc{n},mountpoint={snapshot}"]
+        snapshots.append(snapshot)
+        below = f"cbw{n}"
+    args += ["--export", f"fuse,id=e1,node-name={below},mountpoint={live},writable=on", *exports]
+    daemon = QemuDaemon(workdir, "cbw", args, [live, *snapshots], note)
+    daemon.live, daemon.snapshot, daemon.snapshots = live, snapshots[0], snapshots
     return daemon
 
 

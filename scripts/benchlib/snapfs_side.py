@@ -6,9 +6,11 @@ A SnapfsInstance is one live disk of a source image and the snapshots taken of
 it. Today one command makes the live disk and its one snapshot
 (`mount_with_snapshot`). When `snapfs mount SOURCE LIVE` (the live disk alone),
 `snapfs snapshot LIVE SNAPSHOT --target T --sync S` and `snapfs release
-SNAPSHOT` exist, they become `mount_live`, `take_snapshot` and `release` here:
-`self.snapshots` already holds any number of snapshots, each with its own mount
-directory and target, and `cleanup` already unmounts all of them.
+SNAPSHOT` exist, they become `mount_live`, `take_snapshot` and `release` here,
+each a few lines: `_new_snapshot` gives every snapshot its own mount directory
+(snap, snap2, ...) and clears its target, `_learn_pids` picks up the processes
+a command started, and `cleanup` already unmounts the live disk and all the
+snapshots and stops every process.
 """
 
 from __future__ import annotations
@@ -77,8 +79,14 @@ class SnapfsInstance:
         self.mount_seconds = timed(
             ["snapfs", "mount", self.source, self.live_dir, snapshot.dir,
              "--target", target, "--sync", sync, "--force"], timeout=600)
-        self.pids = descendants(self.status()["pid"])
+        self._learn_pids()
         return snapshot
+
+    def _learn_pids(self) -> None:
+        """The daemon's pid (from `snapfs status`) and its children's: what
+        cleanup stops if `snapfs umount` does not. Call it again after every
+        command that starts a process (a snapshot is served by a child)."""
+        self.pids = descendants(self.status()["pid"])
 
     # --- asking the instance
 
