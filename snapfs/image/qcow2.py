@@ -14,7 +14,14 @@ Creating: version 3 images with an optional backing file.
 Refused when opening (one-line `UserError`): encryption, an external data
 file, extended L2 entries, a compression type other than deflate, unknown
 incompatible features, the corrupt bit; and for writing also internal
-snapshots and the dirty bit.
+snapshots and the dirty bit. A malformed header is refused the same way:
+every offset, size and name it gives is checked before use (tables inside
+the file, cluster aligned, within QEMU's size limits, not on the header nor
+on each other; a backing file name in the first cluster after the header,
+without NUL bytes, naming a regular file; extension lengths within the
+header; a bitmap directory inside the file). A table entry met later that
+points to an unaligned place or past the end of the file (an L2 table, a
+refcount block) gives EIO when it is used.
 
 Metadata handling
 -----------------
@@ -93,6 +100,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import struct
 import sys
 import threading
@@ -118,6 +126,7 @@ INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
 INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
                   | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
+AUTOCLEAR_BITMAPS = 1 << 0
 
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
@@ -131,6 +140,11 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20          # QEMU's limit
 MAX_REFTABLE_BYTES = 8 << 20     # QEMU's limit
 MAX_BACKING_NAME = 1023
+MAX_FORMAT_NAME = 15             # QEMU's limit (a 16-byte buffer)
+MAX_SNAPSHOTS = 65536            # QEMU's limit
+SNAPSHOT_ENTRY_MIN = 40          # the fixed part of a snapshot table entry
+MAX_BITMAPS = 65535              # QEMU's limit
+MAX_BITMAP_DIRECTORY_BYTES = 64 << 20
 MAX_CHAIN_DEPTH = 16
 V2_HEADER_LENGTH = 72
 V3_HEADER_LENGTH = 112           # what create() writes: up to compression_type + padding
@@ -172,6 +186,12 @@ def _be_bytes(arr: array.array) -> bytes:
         arr = array.array("Q", arr)
         arr.byteswap()
     return arr.tobytes()
+
+
+def _printable(text: str) -> str:
+    """`text` for a one-line message: control characters (and undecodable
+    bytes) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -363,9 +383,10 @@ class Qcow2Image(Image):
         # (the snapshot process reads the target the live process writes)
         self._follow = not writable and depth == 0
         try:
-            self._read_header(st.st_size)
+            file_size = os.lseek(fd, 0, os.SEEK_END)   # st_size is 0 for a block device
+            self._read_header(file_size)
             if writable:
-                self._load_refcount_table(st.st_size)
+                self._load_refcount_table()
             self._open_backing(depth, seen)
         except BaseException:
             if self.backing is not None:
@@ -377,6 +398,13 @@ class Qcow2Image(Image):
         return UserError(f"{self.path}: {problem}")
 
     def _read_header(self, file_size: int) -> None:
+        """Parse the header, its extensions and the backing file name, and
+        load the L1 table.
+
+        Every offset, size and name is checked before it is used, so that a
+        malformed image is refused with one line whatever its bytes: QEMU's
+        checks (qcow2_do_open), plus tables that must lie inside the file and
+        not on the header or on each other."""
         fd = self.fd
         head = os.pread(fd, 4096, 0)
         if len(head) < 4 or head[:4] != MAGIC:
@@ -384,7 +412,7 @@ class Qcow2Image(Image):
         if len(head) < _HEADER.size:
             raise self._refuse("truncated qcow2 header")
         (_, version, backing_off, backing_len, bits, size, crypt, l1_size, l1_off,
-         reft_off, reft_clusters, nb_snapshots, _) = _HEADER.unpack_from(head)
+         reft_off, reft_clusters, nb_snapshots, snapshots_off) = _HEADER.unpack_from(head)
         if version not in (2, 3):
             raise self._refuse(f"qcow2 version {version} is not supported")
         if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
@@ -405,26 +433,44 @@ class Qcow2Image(Image):
             if header_length > 104:
                 compression_type = first[104]
 
+        # the backing file name: in the first cluster, after the header; the
+        # header extensions end where it starts
+        ext_end = cs
+        if backing_off:
+            if backing_len > MAX_BACKING_NAME:
+                raise self._refuse(f"backing file name longer than {MAX_BACKING_NAME} bytes")
+            if not header_length <= backing_off <= cs - backing_len:
+                raise self._refuse(f"invalid backing file name location ({backing_len} bytes "
+                                   f"at offset {backing_off:#x}): it must lie in the first "
+                                   "cluster, after the header")
+            ext_end = backing_off
+
         # header extensions
         backing_format = None
         feature_names = {}
         extensions = []
         pos = header_length
-        while pos + 8 <= cs:
+        while pos + 8 <= ext_end:
             ext_type, ext_len = struct.unpack_from(">II", first, pos)
             if ext_type == EXT_END:
                 break
+            if ext_len > ext_end - pos - 8:
+                raise self._refuse(f"invalid header extension {ext_type:#x}: its length "
+                                   f"{ext_len} runs past the end of the header")
             data = first[pos + 8:pos + 8 + ext_len]
-            if len(data) < ext_len:
-                raise self._refuse("invalid header extension (runs past the first cluster)")
             extensions.append((ext_type, data))
             if ext_type == EXT_BACKING_FORMAT:
+                if ext_len > MAX_FORMAT_NAME:
+                    raise self._refuse(f"invalid backing format header extension ({ext_len} "
+                                       f"bytes; a format name has at most {MAX_FORMAT_NAME})")
                 backing_format = data.decode("utf-8", "replace")
             elif ext_type == EXT_FEATURE_NAMES:
                 for i in range(0, ext_len - 47, 48):
                     kind, bit = data[i], data[i + 1]
                     feature_names[kind, bit] = data[i + 2:i + 48].rstrip(b"\0").decode(
                         "utf-8", "replace")
+            elif ext_type == EXT_BITMAPS and autoclear & AUTOCLEAR_BITMAPS:
+                self._check_bitmaps_extension(data, cs, file_size)
             pos += 8 + ext_len + (-ext_len % 8)
 
         # refusals, most fundamental first
@@ -446,7 +492,7 @@ class Qcow2Image(Image):
         unknown = incompat & ~INCOMPAT_KNOWN
         if unknown:
             bits_set = [b for b in range(64) if unknown >> b & 1]
-            names = ", ".join(f"bit {b}" + (f" ({feature_names[0, b]})"
+            names = ", ".join(f"bit {b}" + (f" ({_printable(feature_names[0, b])})"
                                             if feature_names.get((0, b)) else "")
                               for b in bits_set)
             raise self._refuse(f"unknown incompatible features are set: {names}")
@@ -459,16 +505,43 @@ class Qcow2Image(Image):
         if refcount_order > 6:
             raise self._refuse(f"invalid refcount order {refcount_order}")
 
+        # the tables: sizes within QEMU's limits, cluster aligned, inside the
+        # file, not on the header nor on each other
         l2_bits = bits - 3
         l2_span = 1 << (bits + l2_bits)
+        if size > MAX_L1_BYTES // 8 * l2_span:
+            raise self._refuse(f"image size {size} is too large for cluster size {cs}")
         if l1_size * 8 > MAX_L1_BYTES:
             raise self._refuse(f"L1 table too large ({l1_size} entries)")
         if l1_size < -(-size // l2_span):
             raise self._refuse("L1 table is too small for the image size")
-        if l1_off % cs or (l1_size and l1_off == 0):
+        if l1_off % cs:
             raise self._refuse("L1 table offset is not cluster aligned")
+        if l1_size:
+            self._check_table_location("L1 table", l1_off, l1_size * 8, cs, file_size)
         if reft_off % cs:
             raise self._refuse("refcount table offset is not cluster aligned")
+        if not 0 < reft_clusters <= MAX_REFTABLE_BYTES // cs:
+            raise self._refuse(f"invalid refcount table size ({reft_clusters} clusters)")
+        self._check_table_location("refcount table", reft_off, reft_clusters * cs, cs,
+                                   file_size)
+        if l1_size and l1_off < reft_off + reft_clusters * cs and reft_off < l1_off + l1_size * 8:
+            raise self._refuse("the L1 table and the refcount table overlap")
+        if nb_snapshots > MAX_SNAPSHOTS:
+            raise self._refuse(f"too many internal snapshots ({nb_snapshots})")
+        if snapshots_off % cs:
+            raise self._refuse("snapshot table offset is not cluster aligned")
+        if nb_snapshots:
+            self._check_table_location("snapshot table", snapshots_off,
+                                       nb_snapshots * SNAPSHOT_ENTRY_MIN, cs, file_size)
+
+        self._backing_name = None
+        if backing_off and backing_len:   # an empty name is no backing file, as in QEMU
+            name = first[backing_off:backing_off + backing_len]
+            if b"\0" in name:
+                raise self._refuse(f"the backing file name {_printable(os.fsdecode(name))} "
+                                   "contains a NUL byte")
+            self._backing_name = name
 
         self.version = version
         self.cluster_bits = bits
@@ -492,16 +565,7 @@ class Qcow2Image(Image):
         self._cshift = 62 - (bits - 8)
         self._coff_mask = (1 << self._cshift) - 1
         self._csec_mask = (1 << (bits - 8)) - 1
-        self._backing_name = None
         self._backing_format = backing_format
-        if backing_off:
-            if backing_len > MAX_BACKING_NAME:
-                raise self._refuse("backing file name longer than 1023 bytes")
-            raw = first[backing_off:backing_off + backing_len] if backing_off + backing_len <= cs \
-                else _pread_exact(self.fd, backing_len, backing_off)
-            if len(raw) != backing_len:
-                raise self._refuse("truncated backing file name")
-            self._backing_name = raw
         self.l1 = _be_array(_pread_exact(self.fd, l1_size * 8, l1_off)) if l1_size \
             else array.array("Q")
         self._l2_cache = _LRU(max(8, L2_CACHE_BYTES // cs))
@@ -511,11 +575,33 @@ class Qcow2Image(Image):
         self._pool_next = self._pool_end = 0
         self._pool_chunk = max(1, min(POOL_MAX_CLUSTERS, POOL_FIRST_BYTES // cs))
         self._frontier = -(-file_size // cs)
+        self._file_end = file_size     # known to be at most the file's size (it only grows)
 
-    def _load_refcount_table(self, file_size: int) -> None:
+    def _check_table_location(self, what: str, offset: int, length: int, cs: int,
+                              file_size: int) -> None:
+        """Refuse a (cluster aligned) table of the header that overlaps the
+        header or does not lie inside the file."""
+        if offset < cs:
+            raise self._refuse(f"the {what} offset {offset:#x} overlaps the header")
+        if offset + length > file_size:
+            raise self._refuse(f"the {what} ({length} bytes at offset {offset:#x}) lies past "
+                               f"the end of the file ({file_size} bytes)")
+
+    def _check_bitmaps_extension(self, data: bytes, cs: int, file_size: int) -> None:
+        """Refuse a bitmaps extension whose directory cannot be read (it is
+        read at the first write, to free the bitmaps)."""
+        if len(data) < 24:
+            raise self._refuse(f"invalid bitmaps header extension ({len(data)} bytes)")
+        count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
+        if not 0 < count <= MAX_BITMAPS:
+            raise self._refuse(f"invalid bitmaps header extension ({count} bitmaps)")
+        if not 0 < dir_size <= MAX_BITMAP_DIRECTORY_BYTES or dir_offset % cs:
+            raise self._refuse(f"invalid bitmaps header extension (a directory of {dir_size} "
+                               f"bytes at offset {dir_offset:#x})")
+        self._check_table_location("bitmap directory", dir_offset, dir_size, cs, file_size)
+
+    def _load_refcount_table(self) -> None:
         cs = self.cluster_size
-        if self.reft_clusters * cs > MAX_REFTABLE_BYTES or self.reft_clusters == 0:
-            raise self._refuse(f"invalid refcount table size ({self.reft_clusters} clusters)")
         self.reftable = _be_array(_pread_exact(self.fd, self.reft_clusters * cs,
                                                self.reft_offset))
         self._rb_entries = cs * 8 >> self.refcount_order
@@ -526,7 +612,7 @@ class Qcow2Image(Image):
         if name is None:
             self.backing_size = 0
             return
-        shown = os.fsdecode(name)
+        shown = _printable(os.fsdecode(name))
         fmt = self._backing_format
         if fmt is None:
             raise self._refuse(f"the backing file {shown} has no backing format in the "
@@ -541,11 +627,14 @@ class Qcow2Image(Image):
         if not os.path.isabs(path):
             path = os.path.join(os.path.dirname(self.path), path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # (O_NONBLOCK: a name that leads to a FIFO must not hang the open)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise self._refuse(f"cannot open backing file {shown}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise self._refuse(f"the backing file {shown} is not a regular file")
             if (st.st_dev, st.st_ino) in seen:
                 raise self._refuse(f"backing chain loop: {shown} is already in the chain")
             if fmt == "raw":
@@ -582,6 +671,19 @@ class Qcow2Image(Image):
     def _corrupt(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{self.path}: corrupt qcow2 image: {what}")
 
+    def _check_metadata_offset(self, offset: int, what: str) -> None:
+        """Refuse (EIO) a table or block offset that a table entry gives and
+        that cannot be right: not cluster aligned, or past the end of the
+        file (the check that keeps a bogus entry from becoming a read or
+        write at an absurd offset). Only looks at the file when the offset
+        is past the size seen last: the file only grows."""
+        if offset & (self.cluster_size - 1):
+            raise self._corrupt(f"{what} offset {offset:#x} is not cluster aligned")
+        if offset >= self._file_end:
+            self._file_end = os.lseek(self.fd, 0, os.SEEK_END)
+            if offset >= self._file_end:
+                raise self._corrupt(f"{what} offset {offset:#x} lies past the end of the file")
+
     def _l2_table(self, l1_index: int) -> array.array | None:
         """The L2 table of an L1 entry (cached), or None if unallocated."""
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
@@ -589,8 +691,7 @@ class Qcow2Image(Image):
             return None
         table = self._l2_cache.lookup(offset)
         if table is None:
-            if offset & (self.cluster_size - 1):
-                raise self._corrupt(f"L2 table offset {offset:#x} is not cluster aligned")
+            self._check_metadata_offset(offset, "L2 table")
             table = _be_array(_pread_exact(self.fd, self.cluster_size, offset))
             self._l2_cache.put(offset, table)
         return table
@@ -699,8 +800,7 @@ class Qcow2Image(Image):
             return None, 0
         block = self._rb_cache.lookup(index)
         if block is None:
-            if offset & (self.cluster_size - 1):
-                raise self._corrupt(f"refcount block offset {offset:#x} is not aligned")
+            self._check_metadata_offset(offset, "refcount block")
             block = bytearray(_pread_exact(self.fd, self.cluster_size, offset))
             self._rb_cache.put(index, block)
         return block, offset
@@ -940,35 +1040,23 @@ class Qcow2Image(Image):
         """Before the first write: clear the autoclear bits (the spec demands
         it of a writer that does not know them) and remove persistent bitmaps,
         which this driver would not keep up to date; QEMU would ignore them
-        from then on and their clusters would leak, so free them cleanly."""
+        from then on and their clusters would leak, so free them cleanly.
+
+        A bitmaps extension without the bitmaps autoclear bit is stale (a
+        writer that did not know bitmaps has changed the image since), and
+        QEMU ignores it: its clusters may have been freed and reused since,
+        so only the extension goes."""
         cs = self.cluster_size
         bitmaps = [d for t, d in self._extensions if t == EXT_BITMAPS]
         kept = [(t, d) for t, d in self._extensions if t != EXT_BITMAPS]
         clusters: Counter = Counter()
         names = []
-        for data in bitmaps:
-            if len(data) < 24:
-                raise self._corrupt("bitmaps header extension too short")
-            count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
-            directory = _pread_exact(self.fd, dir_size, dir_offset)
-            for c in range(dir_offset // cs, (dir_offset + dir_size + cs - 1) // cs):
-                clusters[c] += 1
-            pos = 0
-            for _ in range(count):
-                table_offset, table_size, _, _, _, name_size, extra_size = \
-                    struct.unpack_from(">QIIBBHI", directory, pos)
-                name_at = pos + 24 + extra_size
-                names.append(directory[name_at:name_at + name_size].decode("utf-8", "replace"))
-                pos = name_at + name_size
-                pos += -pos % 8
-                if table_size:
-                    for c in range(table_offset // cs,
-                                   (table_offset + table_size * 8 + cs - 1) // cs):
-                        clusters[c] += 1
-                    table = _be_array(_pread_exact(self.fd, table_size * 8, table_offset))
-                    for entry in table:
-                        if entry & L2E_OFFSET_MASK:
-                            clusters[(entry & L2E_OFFSET_MASK) // cs] += 1
+        for data in bitmaps if self.autoclear & AUTOCLEAR_BITMAPS else ():
+            names += self._bitmap_clusters(data, clusters)
+        for c, n in clusters.items():
+            if self._refcount(c) < n:
+                raise self._corrupt(f"cluster {c} of a persistent bitmap has refcount "
+                                    f"{self._refcount(c)}, below its {n} reference(s)")
         # 1. the header: no autoclear bits, no bitmaps extension
         exts = bytearray()
         for ext_type, data in kept:
@@ -987,6 +1075,46 @@ class Qcow2Image(Image):
         if names:
             log.warning("%s: removed persistent bitmap(s) %s: snapfs does not keep them "
                         "up to date", self.path, ", ".join(names))
+
+    def _bitmap_clusters(self, data: bytes, clusters: Counter) -> list[str]:
+        """Count the clusters of the bitmaps of a bitmaps extension (checked
+        when the image was opened) into `clusters`: the directory, the
+        bitmap tables and their data. Returns the bitmaps' names."""
+        cs = self.cluster_size
+        count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
+        directory = _pread_exact(self.fd, dir_size, dir_offset)
+        for c in range(dir_offset // cs, (dir_offset + dir_size + cs - 1) // cs):
+            clusters[c] += 1
+        names = []
+        pos = 0
+        for _ in range(count):
+            if pos + 24 > dir_size:
+                raise self._corrupt("the bitmap directory is truncated")
+            table_offset, table_size, _, _, _, name_size, extra_size = \
+                struct.unpack_from(">QIIBBHI", directory, pos)
+            name_at = pos + 24 + extra_size
+            if name_at + name_size > dir_size:
+                raise self._corrupt("the bitmap directory is truncated")
+            names.append(_printable(directory[name_at:name_at + name_size].decode(
+                "utf-8", "replace")))
+            pos = name_at + name_size
+            pos += -pos % 8
+            if not table_size:
+                continue
+            if table_size > MAX_BITMAP_DIRECTORY_BYTES // 8:
+                raise self._corrupt(f"bitmap table too large ({table_size} entries)")
+            self._check_metadata_offset(table_offset, "bitmap table")
+            self._check_metadata_offset(table_offset + (table_size * 8 - 1) // cs * cs,
+                                        "bitmap table")
+            for c in range(table_offset // cs, (table_offset + table_size * 8 + cs - 1) // cs):
+                clusters[c] += 1
+            table = _be_array(_pread_exact(self.fd, table_size * 8, table_offset))
+            for entry in table:
+                offset = entry & L2E_OFFSET_MASK
+                if offset:
+                    self._check_metadata_offset(offset, "bitmap data cluster")
+                    clusters[offset // cs] += 1
+        return names
 
     def _l2_for_write(self, l1_index: int) -> array.array:
         """The L2 table of an L1 entry, allocated if needed and writable in
@@ -1361,6 +1489,7 @@ class Qcow2Image(Image):
                 if table is not None:
                     raw = table.tobytes()  # zero or not does not depend on byte order
                 else:
+                    self._check_metadata_offset(l2_offset, "L2 table")
                     raw = _pread_exact(self.fd, self.cluster_size, l2_offset)
                     table = array.array("Q")
                     table.frombytes(raw)
