@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,8 @@ def mount(tmp_path):
     made: list[Instance] = []
 
     def do_mount(source: Path, sync="full", cluster_size=None, speed=None, extra=(),
-                 target=None, name="m") -> Instance:
-        base = tmp_path / name
+                 target=None, name="m", root=None) -> Instance:
+        base = (root or tmp_path) / name
         base.mkdir()
         inst = Instance(source, base / "live", base / "snap", target or base / "target.img")
         inst.live_dir.mkdir()
@@ -154,12 +155,31 @@ def mount(tmp_path):
         assert not is_mounted(inst.snapshot_dir), "a mount was left behind"
 
 
+@pytest.fixture
+def public_tmp(tmp_path):
+    """A directory that every user may enter (pytest's tmp_path lies in a
+    root-only directory), removed afterwards; for tests that act as another
+    user."""
+    path = Path(tempfile.mkdtemp(prefix="snapfs-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    left = [m.point for m in mounts.mount_table() if mounts.inside(m.point, str(path))]
+    for mp in reversed(left):
+        force_unmount(mp)
+    shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"mounts left behind: {left}"
+
+
+#: runs a command as user nobody (65534), without supplementary groups
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_mounts(tmp_path):
     """Fail a test that leaves a FUSE mount under its directory, and clean up."""
     yield
     left = [m.point for m in mounts.mount_table()
-            if m.fstype.startswith("fuse") and m.point.startswith(str(tmp_path))]
+            if m.fstype.startswith("fuse") and mounts.inside(m.point, str(tmp_path))]
     for mp in reversed(left):
         force_unmount(mp)
     assert not left, f"mounts left behind: {left}"

@@ -14,7 +14,7 @@ import trio
 
 from snapfs import control
 from snapfs.backup.cbw import CopyBeforeWrite
-from snapfs.fuse.single_file import SingleFileOperations, fuse_errors
+from snapfs.fuse.single_file import SingleFileOperations
 
 _STATUS = control.STATUS_XATTR.encode()  # pyfuse3 passes attribute names as bytes
 _COMMAND = control.COMMAND_XATTR.encode()
@@ -28,14 +28,10 @@ class LiveOperations(SingleFileOperations):
 
     def __init__(self, name: str, engine: CopyBeforeWrite,
                  status: Callable[[], dict], command: Callable[[str], None]):
-        source_stat = os.stat(engine.source.path)
-        super().__init__(name, engine.size, source_stat.st_mode & 0o777, source_stat)
+        super().__init__(name, engine.size, engine.source.stat, writable=True)
         self.engine = engine
         self.status = status
         self.command = command
-
-    def times(self) -> os.stat_result:
-        return os.stat(self.engine.source.path)
 
     async def open(self, inode, flags, ctx):
         self.check_open(inode, flags)
@@ -45,23 +41,21 @@ class LiveOperations(SingleFileOperations):
         # round trip. Reads are still served from SOURCE's page cache.
         return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
-    @fuse_errors
     async def read(self, fh, off, size):
         return self.engine.source.read(off, self.clip(off, size))
 
-    @fuse_errors
     async def write(self, fh, off, buf):
+        if not buf:
+            return 0
         length = self.clip(off, len(buf))
-        if length == 0 and buf:
+        if length == 0:
             raise pyfuse3.FUSEError(errno.ENOSPC)  # at or past the end of the disk
         await self.engine.write(off, buf if length == len(buf) else buf[:length])
         return length
 
-    @fuse_errors
     async def fsync(self, fh, datasync):
         await trio.to_thread.run_sync(self.engine.flush)
 
-    @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -70,15 +64,14 @@ class LiveOperations(SingleFileOperations):
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_atime or fields.update_mtime:
-            now = self.times()
+            now = self.engine.source.stat()
             atime = attr.st_atime_ns if fields.update_atime else now.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else now.st_mtime_ns
-            os.utime(self.engine.source.path, ns=(atime, mtime))
+            os.utime(self.engine.source.fd, ns=(atime, mtime))
         return await self.getattr(inode, ctx)
 
     # --- control --------------------------------------------------------
 
-    @fuse_errors
     async def getxattr(self, inode, name, ctx):
         if inode == pyfuse3.ROOT_INODE and name == _STATUS:
             return json.dumps(self.status()).encode()
@@ -87,7 +80,6 @@ class LiveOperations(SingleFileOperations):
     async def listxattr(self, inode, ctx):
         return [_STATUS] if inode == pyfuse3.ROOT_INODE else []
 
-    @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
         if inode != pyfuse3.ROOT_INODE or name != _COMMAND:
             raise pyfuse3.FUSEError(errno.ENOTSUP)

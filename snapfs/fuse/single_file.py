@@ -1,68 +1,59 @@
 """What the live and the snapshot mounts share: a root directory holding one
-regular file, and the boundary where errors become FUSE error codes."""
+regular file that stands for a disk image.
+
+The file reports its image's owner and permission bits (the snapshot's
+without write), read from the image's open descriptor: renaming or deleting
+the image file while it is mounted changes nothing here. Both mounts use
+`default_permissions`, so the kernel checks access against these attributes
+for every user, as it does for the image file itself.
+"""
 
 from __future__ import annotations
 
 import errno
-import functools
-import logging
 import os
 import stat
+from typing import Callable
 
 import pyfuse3
 
-log = logging.getLogger(__name__)
+from snapfs.fuse.boundary import ErrorBoundary
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
-#: the attributes never change behind the kernel's back: let it cache them
-ATTR_TIMEOUT = 300
+#: how long the kernel may cache attributes and names: short, so that a
+#: chmod or chown of the image reaches the mounts' permission checks soon
+ATTR_TIMEOUT = 1.0
+_WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
 
-def fuse_errors(handler):
-    """Turn errors leaving a FUSE handler into FUSEError. Only FUSEError may
-    leave a pyfuse3 handler: anything else would end the FUSE main loop."""
+class SingleFileOperations(ErrorBoundary):
+    """A root directory with one regular file, `name`, of a fixed `size`.
 
-    @functools.wraps(handler)
-    async def wrapper(*args):
-        try:
-            return await handler(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            log.warning("%s: %s", handler.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+    `image_stat` returns the image file's current status (owner and
+    permissions come from it); `times`, if given, is a fixed status whose
+    times the file reports instead of the current ones."""
 
-    return wrapper
-
-
-class SingleFileOperations(pyfuse3.Operations):
-    """A root directory with one regular file, `name`, of a fixed `size`."""
-
-    def __init__(self, name: str, size: int, file_mode: int, owner: os.stat_result):
+    def __init__(self, name: str, size: int, image_stat: Callable[[], os.stat_result],
+                 writable: bool, times: os.stat_result | None = None):
         super().__init__()
-        self.name = name.encode()
+        self.name = os.fsencode(name)
         self.size = size
-        self.file_mode = stat.S_IFREG | file_mode
-        self.owner = owner
+        self.image_stat = image_stat
+        self.writable = writable
+        self.fixed_times = times
 
     # --- attributes -----------------------------------------------------
 
-    def times(self) -> os.stat_result:
-        """The stat result whose times the file reports."""
-        return self.owner
-
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        image = self.image_stat()
+        times = self.fixed_times or image
         attrs = pyfuse3.EntryAttributes()
-        times = self.times()
         attrs.st_ino = inode
         attrs.generation = 0
         attrs.entry_timeout = ATTR_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_uid = self.owner.st_uid
-        attrs.st_gid = self.owner.st_gid
+        attrs.st_uid = image.st_uid
+        attrs.st_gid = image.st_gid
         attrs.st_atime_ns = times.st_atime_ns
         attrs.st_mtime_ns = times.st_mtime_ns
         attrs.st_ctime_ns = times.st_ctime_ns
@@ -73,7 +64,8 @@ class SingleFileOperations(pyfuse3.Operations):
             attrs.st_size = 0
             attrs.st_blocks = 0
         else:
-            attrs.st_mode = self.file_mode
+            mode = stat.S_IMODE(image.st_mode) & 0o777
+            attrs.st_mode = stat.S_IFREG | (mode if self.writable else mode & ~_WRITE_BITS)
             attrs.st_nlink = 1
             attrs.st_size = self.size
             attrs.st_blocks = -(-self.size // 512)

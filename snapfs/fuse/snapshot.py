@@ -12,13 +12,16 @@ import os
 
 import pyfuse3
 
-from snapfs.fuse.single_file import SingleFileOperations, fuse_errors
+from snapfs.fuse.single_file import SingleFileOperations
 from snapfs.backup.reader import SnapshotReader
 
 
 class SnapshotOperations(SingleFileOperations):
-    def __init__(self, name: str, reader: SnapshotReader, source_stat: os.stat_result):
-        super().__init__(name, reader.size, 0o444, source_stat)
+    def __init__(self, name: str, reader: SnapshotReader):
+        # the times are the source's at the point in time; owner and
+        # permissions (minus write) follow the source's current ones
+        super().__init__(name, reader.size, reader.source.stat, writable=False,
+                         times=reader.source.stat())
         self.reader = reader
 
     def check_open(self, inode, flags):
@@ -26,7 +29,6 @@ class SnapshotOperations(SingleFileOperations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
 
-    @fuse_errors
     async def read(self, fh, off, size):
         return self.reader.read(off, size)
 

@@ -12,6 +12,7 @@ them from the trio thread.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Iterator
 
 
@@ -20,8 +21,11 @@ class Image(abc.ABC):
 
     #: the guest-visible size in bytes
     size: int
-    #: the path the image was opened from
+    #: the path the image was opened from (the file may have been renamed
+    #: or deleted since: use `fd`)
     path: str
+    #: the open descriptor of the file that holds the image (its top layer)
+    fd: int
 
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:
@@ -48,6 +52,10 @@ class Image(abc.ABC):
         Ranges outside them read as zeroes or come from a lower layer. A driver
         may report more than is allocated (never less): TOP copies what is
         reported."""
+
+    def stat(self) -> os.stat_result:
+        """The file's status (owner, permissions, times), from its descriptor."""
+        return os.fstat(self.fd)
 
     @abc.abstractmethod
     def flush(self) -> None:
