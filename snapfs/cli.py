@@ -12,10 +12,12 @@ import os
 import stat
 import subprocess
 import sys
+import select
+import signal
 import threading
 import time
 
-from snapfs import control, mounts
+from snapfs import control, filelock, mounts
 from snapfs.errors import UserError
 from snapfs.units import human, parse_size
 from snapfs.image import FORMATS, open_image
@@ -27,6 +29,8 @@ MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 2 << 20
 #: how long `umount` waits for the daemon to flush and exit
 UMOUNT_TIMEOUT = 300
+#: how long `mount` waits for the daemon to report its mounts up
+START_TIMEOUT = 120
 
 
 def _cluster_size(text: str) -> int:
@@ -84,13 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("live", metavar="LIVE")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     for name, text in (("wait", "wait until the background copy ends"),
-                       ("cancel", "stop the background copy"),
-                       ("umount", "unmount both mounts and stop the instance")):
+                       ("cancel", "stop the background copy")):
         commands.add_parser(name, help=text).add_argument("live", metavar="LIVE")
+    umount = commands.add_parser("umount", help="unmount both mounts and stop the instance")
+    umount.add_argument("live", metavar="LIVE")
+    umount.add_argument("--lazy", action="store_true",
+                        help="detach LIVE even while in use; the instance stops when "
+                             "the last program using the disk lets go")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # paths need not be UTF-8
+        stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -99,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`snapfs status LIVE | head -1`): no traceback,
+        # and no second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # --- mount ----------------------------------------------------------------
@@ -119,6 +134,10 @@ def check_mount_args(args) -> "MountConfig":
                         f"{e.strerror}") from None
     if st.st_size == 0:
         raise UserError(f"source {args.source}: empty image")
+    other = mounts.snapfs_mount_containing(source)
+    if other:
+        raise UserError(f"source {args.source}: inside the snapfs mount {other}")
+    filelock.check_free(source, "source")
     fmt = args.format or "raw"
     if fmt == "raw":
         with open(source, "rb") as f:
@@ -137,6 +156,11 @@ def check_mount_args(args) -> "MountConfig":
         raise UserError(f"LIVE and SNAPSHOT are the same directory: {args.live}")
     if mounts.inside(live, snapshot) or mounts.inside(snapshot, live):
         raise UserError("LIVE and SNAPSHOT must not lie inside each other")
+    real_source = os.path.realpath(source)
+    for mount_point, what in ((live, "LIVE"), (snapshot, "SNAPSHOT")):
+        if mounts.inside(real_source, mount_point):
+            raise UserError(f"source {args.source}: lies inside {what} {mount_point}, "
+                            "which the mount would cover")
 
     target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.target))),
                           os.path.basename(args.target))
@@ -160,6 +184,7 @@ def check_mount_args(args) -> "MountConfig":
                 raise UserError(f"target {path}: already exists (use --force to replace it)")
             if not os.path.isfile(path):
                 raise UserError(f"target {path}: exists and is not a regular file")
+            filelock.check_free(path, "target")
     return MountConfig(source=source, live=live, snapshot=snapshot, target=target,
                        sync=args.sync, cluster_size=args.cluster_size, speed=args.speed,
                        force=args.force, format=fmt, target_format=args.target_format or fmt)
@@ -201,8 +226,13 @@ def cmd_mount(args) -> int:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
             start_new_session=True)
     os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        line = pipe.readline()
+    with os.fdopen(read_end, "rb") as pipe:
+        line = _read_line(pipe, start_timeout())
+    if line is None:
+        _stop_daemon(process, [cfg.live, cfg.snapshot])
+        _remove_instance_files(cfg)
+        raise UserError(f"the snapfs daemon did not report its mounts up within "
+                        f"{start_timeout():g} s; stopped it")
     why = parse_readiness(line) if line else None
     if line and why is None:
         try:
@@ -219,14 +249,48 @@ def cmd_mount(args) -> int:
     raise UserError(why)
 
 
+def start_timeout() -> float:
+    """How long `mount` waits for the daemon (SNAPFS_START_TIMEOUT seconds)."""
+    return float(os.environ.get("SNAPFS_START_TIMEOUT", START_TIMEOUT))
+
+
+def _read_line(pipe, timeout: float) -> str | None:
+    """One line from `pipe` ("" at end of file), or None after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([pipe], [], [], left)[0]:
+            return None
+        chunk = os.read(pipe.fileno(), 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def _remove_instance_files(cfg: MountConfig) -> None:
+    """After a start that was given up: the files the daemon may have made."""
+    for path in (cfg.target, state_path(cfg.target), log_path(cfg.target)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _stop_daemon(process: subprocess.Popen, mount_points: list[str]) -> None:
-    """Stop a daemon that came up wrong, and leave nothing mounted."""
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """Stop a daemon that came up wrong (its snapshot process with it: they
+    share a process group), and leave nothing mounted."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=60)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     for path in mount_points:
         if mounts.mount_type(path):
             mounts.lazy_unmount(path)
@@ -313,13 +377,28 @@ def cmd_umount(args) -> int:
         mounts.lazy_unmount(live)
         raise UserError(f"{args.live}: the daemon had died; unmounted what was left; "
                         "the target may be incomplete") from None
-    control.send(live, "umount")
+    snapshot = os.path.dirname(info["snapshot"])
+    if args.lazy:
+        # The daemon serves whoever still has the disk open and stops, as
+        # after any unmount, when the last of them lets go.
+        mounts.lazy_unmount(live)
+        return 0
+    for point in (live, snapshot):
+        held = mounts.holders(point)
+        if held:
+            raise UserError(f"{point} is busy, in use by {', '.join(held)}; nothing unmounted")
+    # Unmounting the live mount (never while busy) stops the instance.
+    why = mounts.unmount(live)
+    if why is not None:
+        held = mounts.holders(live)
+        raise UserError(f"{live}: {why}" + (f", in use by {', '.join(held)}" if held else "")
+                        + "; nothing unmounted")
     deadline = time.monotonic() + UMOUNT_TIMEOUT
     while control.process_running(info["pid"]):
         if time.monotonic() > deadline:
             raise UserError(f"the snapfs daemon (pid {info['pid']}) did not stop in time")
         time.sleep(0.05)
-    left = [p for p in (live, os.path.dirname(info["snapshot"])) if mounts.mount_type(p)]
+    left = [p for p in (live, snapshot) if mounts.mount_type(p)]
     if left:
         for path in left:
             mounts.lazy_unmount(path)

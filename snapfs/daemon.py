@@ -21,7 +21,8 @@ Run as `python -m snapfs.daemon CONFIG_JSON [--ready-fd N]`.
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ import time
 import pyfuse3
 import trio
 
-from snapfs import control, mounts
+from snapfs import control, filelock, mounts
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.backup.copymap import CopyMap
 from snapfs.errors import UserError, innermost
@@ -52,18 +53,6 @@ SNAPSHOT_OPTIONS = _COMMON_OPTIONS | {"subtype=snapfs-snapshot", "ro"}
 SNAPSHOT_READAHEAD_KB = 4096
 #: how long a process may take to report that its mount is up
 START_TIMEOUT = 60
-
-
-def _lock_source(path: str) -> int:
-    """Lock the source against a second snapfs instance (flock; QEMU's
-    byte-range locks are separate)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"{path}: in use by another snapfs instance") from None
-    return fd
 
 
 class LiveDaemon:
@@ -115,42 +104,52 @@ class LiveDaemon:
 
     async def run(self) -> None:
         cfg = self.cfg
-        lock_fd = _lock_source(cfg.source)
-        source = open_image(cfg.source, cfg.format, writable=True)
-        created: list[str] = []
-        target = copymap = None
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, filelock.lock(cfg.source, "source"))
+            source = open_image(cfg.source, cfg.format, writable=True)
+            stack.callback(source.close)
+            created: list[str] = []
             try:
-                target = create_target(cfg.target, source, cfg.format, cfg.target_format,
-                                       cfg.sync, cfg.cluster_size, overwrite=cfg.force)
-                created.append(cfg.target)
-                copymap = CopyMap.create(
+                target = self._create(stack, created, cfg.target, "target", lambda: create_target(
+                    cfg.target, source, cfg.format, cfg.target_format, cfg.sync,
+                    cfg.cluster_size, overwrite=cfg.force))
+                copymap = self._create(stack, created, state_path(cfg.target), "copy map",
+                                       lambda: CopyMap.create(
                     state_path(cfg.target), source.size, cfg.cluster_size,
                     {"source": cfg.source, "target": cfg.target, "format": cfg.format,
                      "target_format": cfg.target_format, "sync": cfg.sync,
                      "state": "running"},
-                    overwrite=cfg.force)
-                created.append(copymap.path)
-            except OSError as e:
-                raise UserError(f"cannot create {e.filename or cfg.target}: "
-                                f"{e.strerror or e}") from None
-            self.engine = CopyBeforeWrite(source, target, copymap)
-            self.job = BackupJob(self.engine, cfg.sync, cfg.speed)
-            await self._serve()
-        except BaseException:
-            if self.readiness.pending:  # never came up: leave nothing behind
-                for path in created:
-                    os.unlink(path)
-            raise
-        finally:
-            if self.job is not None and not self.readiness.pending:
-                self._finish()
-            for thing in (copymap, target, source):
-                if thing is not None:
-                    thing.close()
-            os.close(lock_fd)
+                    overwrite=cfg.force))
+                self.engine = CopyBeforeWrite(source, target, copymap)
+                self.job = BackupJob(self.engine, cfg.sync, cfg.speed)
+                await self._serve(on_ready=created.clear)
+            finally:
+                if created:  # never came up: leave nothing behind
+                    for path in created:
+                        os.unlink(path)
+                elif self.job is not None:
+                    self._finish()
 
-    async def _serve(self) -> None:
+    @staticmethod
+    def _create(stack: contextlib.ExitStack, created: list[str], path: str, what: str, make):
+        """Make one of the instance's files, locked (an existing one only if
+        no running instance holds it); the stack closes it."""
+        lock_fd = None
+        if os.path.lexists(path):
+            lock_fd = filelock.lock(path, what)
+            stack.callback(os.close, lock_fd)
+        try:
+            made = make()
+        except OSError as e:
+            raise UserError(f"cannot create {what} {e.filename or path}: "
+                            f"{e.strerror or e}") from None
+        created.append(path)
+        stack.callback(made.close)
+        if lock_fd is None:
+            stack.callback(os.close, filelock.lock(path, what))
+        return made
+
+    async def _serve(self, on_ready) -> None:
         cfg = self.cfg
         ops = LiveOperations(cfg.name, self.engine, self.status, self.command)
         async with trio.open_nursery() as nursery:
@@ -163,6 +162,7 @@ class LiveDaemon:
                 nursery.start_soon(self.job.run)
                 nursery.start_soon(self._stop_on_signal)
                 nursery.start_soon(self._terminate_when_stop_requested)
+                on_ready()
                 self.readiness.ready()
                 log.info("serving %s (live) and %s (snapshot), sync %s",
                          os.path.join(cfg.live, cfg.name),
@@ -301,7 +301,7 @@ async def serve_snapshot(cfg: MountConfig, readiness: Readiness, lifeline: int) 
     copymap = CopyMap.open(state_path(cfg.target))
     try:
         reader = SnapshotReader(source, target, copymap)
-        ops = SnapshotOperations(cfg.name, reader, os.stat(cfg.source))
+        ops = SnapshotOperations(cfg.name, reader)
         try:
             pyfuse3.init(ops, cfg.snapshot, SNAPSHOT_OPTIONS)
         except RuntimeError:
@@ -359,6 +359,7 @@ async def _terminate_on_signal() -> None:
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s snapfs[%(process)d] %(levelname)s: %(message)s")
+    faulthandler.enable(file=sys.stderr)  # a hang or crash dumps every thread's stack
 
 
 def run_live(cfg: MountConfig, readiness: Readiness) -> int:

@@ -73,6 +73,83 @@ def snapfs_mount_containing(path: str) -> str | None:
     return None
 
 
+def _links_of(pid: str) -> list[str]:
+    """The paths process `pid` holds: open files, working and root
+    directories, mapped files."""
+    base = f"/proc/{pid}"
+    paths = []
+    for name in ("cwd", "root", "exe"):
+        try:
+            paths.append(os.readlink(f"{base}/{name}"))
+        except OSError:
+            pass
+    try:
+        for fd in os.listdir(f"{base}/fd"):
+            try:
+                paths.append(os.readlink(f"{base}/fd/{fd}"))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        with open(f"{base}/maps", "rb") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith(b"/"):
+                    paths.append(os.fsdecode(fields[5].rstrip(b"\n")))
+    except OSError:
+        pass
+    return paths
+
+
+def _process_name(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return os.fsdecode(f.read().strip())
+    except OSError:
+        return "?"
+
+
+def holders(point: str) -> list[str]:
+    """What keeps the mount on `point` busy, for a message: processes using
+    a file below it, loop devices over such a file (and where they are
+    mounted), mounts below it. Empty if nothing was found."""
+    found = []
+    table = mount_table()
+    for mount in table:
+        if mount.point != point and inside(mount.point, point):
+            found.append(f"a mount on {mount.point}")
+    try:
+        loops = sorted(os.listdir("/sys/block"))
+    except OSError:
+        loops = []
+    for name in loops:
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
+                backing = os.fsdecode(f.read().rstrip(b"\n"))
+        except OSError:
+            continue
+        if inside(backing, point):
+            mounted = [m.point for m in table if m.source == f"/dev/{name}"]
+            found.append(f"loop device /dev/{name}"
+                         + (f" (mounted on {', '.join(mounted)})" if mounted else ""))
+    me = str(os.getpid())
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit() and p != me), key=int):
+        if any(inside(path, point) for path in _links_of(pid)):
+            found.append(f"process {pid} ({_process_name(pid)})")
+    return found
+
+
+def unmount(point: str) -> str | None:
+    """Unmount the FUSE mount on `point` unless it is busy (`fusermount3 -u`);
+    None if done, else why not."""
+    result = subprocess.run(["fusermount3", "-u", point], capture_output=True)
+    if result.returncode == 0:
+        return None
+    why = os.fsdecode(result.stderr).strip().splitlines()
+    return why[-1].split(": ")[-1] if why else f"fusermount3 exited with {result.returncode}"
+
+
 def lazy_unmount(path: str) -> None:
     """Detach whatever FUSE mount is left on `path` (`fusermount3 -u -z`)."""
     subprocess.run(["fusermount3", "-u", "-z", path], check=False,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import mounts, is_mounted, random_bytes, run_snapfs, write_image
+from conftest import alive, is_mounted, mounts, random_bytes, run_snapfs, wait_until, write_image
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -190,3 +191,42 @@ def test_cancel_and_wait_in_sync_none(setup, mount):
         assert result.returncode != 0 and expect in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     inst.umount()
+
+
+@pytest.mark.parametrize("where", ["live", "snap/below"])
+def test_source_inside_a_mount_point(setup, where):
+    """The mount would cover SOURCE (the daemon used to hang on its own mount
+    for two minutes, or crash): refused at once."""
+    root, _ = setup
+    folder = root / where
+    folder.mkdir(exist_ok=True)
+    inner = write_image(folder / "d.img", random_bytes(1 << 20, seed=3))
+    started = time.monotonic()
+    refuse(root, *mount_args(root, source=inner), expect="lies inside")
+    assert time.monotonic() - started < 20
+
+
+def test_daemon_that_does_not_come_up_in_time(setup):
+    """`mount` waits for the daemon's readiness for a bounded time, then stops
+    it and leaves nothing behind (a start cannot take a millisecond)."""
+    root, _ = setup
+    before = tree(root)
+    result = run_snapfs(*mount_args(root), check=False,
+                        env=dict(os.environ, SNAPFS_START_TIMEOUT="0.001"))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "did not report its mounts up" in result.stderr
+    assert wait_until(lambda: not processes_mentioning(str(root)), timeout=30)
+    assert not mounts_under(root)
+    assert tree(root) == before
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read() and alive(int(pid)):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -53,6 +54,17 @@ def data_extents(path) -> list[tuple[int, int]]:
         return list(image.data_extents(0, image.size))
     finally:
         image.close()
+
+
+def copymap_info(path) -> dict:
+    """The description in a copy map's header."""
+    from snapfs.backup.copymap import CopyMap
+
+    copymap = CopyMap.open(str(path))
+    try:
+        return copymap.info
+    finally:
+        copymap.close()
 
 
 def clusters_of(extents, cluster=CLUSTER) -> set[int]:
@@ -238,11 +250,86 @@ def test_cancel_keeps_snapshot_valid(tmp_path, mount):
 
 
 def test_speed_limits_the_background_copy(tmp_path, mount):
-    source = write_image(tmp_path / "disk.img", random_bytes(16 * MiB, seed=7))
-    inst = mount(source, sync="full", speed="4M")
-    info = inst.status()
-    assert info["speed"] == 4 * MiB
+    """The limit holds from the first byte: at any time t after the start the
+    job has copied at most RATE * t (it used to copy 8 MiB at once)."""
+    source = write_image(tmp_path / "disk.img", random_bytes(32 * MiB, seed=7))
+    started = time.monotonic()
+    inst = mount(source, sync="full", speed="1M")
+    samples = []
+    while time.monotonic() - started < 3:
+        info = inst.status()
+        samples.append((time.monotonic() - started, info["bytes_done"]))
+        time.sleep(0.2)
+    assert info["speed"] == MiB
     assert info["state"] == "running" and info["bytes_done"] < info["bytes_total"]
+    for elapsed, done in samples:
+        assert done <= MiB * elapsed, f"{done} bytes copied after {elapsed:.2f} s at 1 MiB/s"
+    assert samples[-1][1] > 0, "the copy did not move at all"
+    inst.umount()
+
+
+def test_zero_length_write_copies_nothing(tmp_path, mount):
+    source = write_image(tmp_path / "disk.img", random_bytes(MiB, seed=17))
+    inst = mount(source, sync="none")
+    fd = os.open(inst.live, os.O_WRONLY)
+    try:
+        for offset in (0, 100, CLUSTER + 7, MiB - 1):
+            assert os.pwrite(fd, b"", offset) == 0
+    finally:
+        os.close(fd)
+    assert inst.status()["clusters_copied_by_writes"] == 0
+    assert data_extents(inst.target) == []
+    inst.umount()
+
+
+@pytest.mark.parametrize("how", ["rename", "delete"])
+def test_source_renamed_or_deleted_while_mounted(tmp_path, mount, how):
+    """The instance works on its open files, never on SOURCE's path: renaming
+    or deleting the path changes nothing (it used to take both mounts down)."""
+    original = random_bytes(4 * MiB, seed=18)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="full", speed="2M")
+    keep = os.open(source, os.O_RDONLY)  # to read what a deleted SOURCE holds
+    try:
+        moved = tmp_path / "moved.img"
+        if how == "rename":
+            source.rename(moved)
+        else:
+            source.unlink()
+        for path in (inst.live, inst.snapshot):
+            assert path.stat().st_size == len(original)
+            assert sorted(os.listdir(path.parent)) == ["disk.img"]
+        model = bytearray(original)
+        write_through(inst.live, 3 * MiB + 5, random_bytes(70_000, seed=19), model)
+        os.utime(inst.live, (1_000_000, 2_000_000))
+        assert inst.live.stat().st_mtime == 2_000_000
+        assert inst.live.read_bytes() == bytes(model)
+        assert inst.snapshot.read_bytes() == original
+        assert inst.status()["error"] is None
+        inst.wait()
+        inst.umount()
+        assert os.pread(keep, len(original) + 1, 0) == bytes(model)
+        if how == "rename":
+            assert moved.read_bytes() == bytes(model)
+        assert inst.target.read_bytes() == original
+    finally:
+        os.close(keep)
+
+
+def test_status_into_a_closed_pipe(tmp_path, mount):
+    """`snapfs status LIVE | head -1`: a reader that went away is no error
+    worth a traceback."""
+    source = write_image(tmp_path / "disk.img", random_bytes(MiB, seed=20))
+    inst = mount(source, sync="none")
+    for extra in ([], ["--json"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before snapfs writes a byte
+        try:
+            result = subprocess.run([*SNAPFS, "status", str(inst.live_dir), *extra],
+                                    stdout=write_end, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write_end)
+        assert result.stderr == "", result.stderr
     inst.umount()
 
 
@@ -461,8 +548,6 @@ def test_full_target_fails_writes_not_the_snapshot(tmp_path, mount, small_fs):
 def test_sigterm_stops_cleanly(tmp_path, mount):
     """SIGTERM to the daemon is an orderly stop: both mounts gone, SOURCE
     holding the writes, the copy map recording how the job ended."""
-    import json
-
     original = random_bytes(32 * MiB, seed=16)
     source = write_image(tmp_path / "disk.img", original)
     inst = mount(source, sync="full", speed="1M")
@@ -473,6 +558,5 @@ def test_sigterm_stops_cleanly(tmp_path, mount):
     assert not is_mounted(inst.live_dir) and not is_mounted(inst.snapshot_dir)
     assert source.read_bytes()[:5] == b"after"
     assert inst.target.read_bytes()[:CLUSTER] == original[:CLUSTER]
-    header = (tmp_path / "m" / "target.img.snapfs").read_bytes()[:4096]
-    info = json.loads(header.split(b"\n", 1)[1].rstrip(b"\0"))
+    info = copymap_info(tmp_path / "m" / "target.img.snapfs")
     assert info["state"] == "cancelled" and info["bytes_done"] < info["bytes_total"]

@@ -217,3 +217,13 @@ def test_concurrent_writers_and_snapshot_readers_through_fuse(tmp_path, mount, f
     assert counts["reads"] > 50 and counts["writes"] > 50, counts
     assert inst.snapshot.read_bytes() == original
     inst.umount()
+
+
+def test_empty_write_touches_no_cluster(tmp_path):
+    """A zero-length write at an unaligned offset used to copy a cluster.
+    (The kernel does not pass such writes through FUSE; other callers might.)"""
+    engine, reader = open_engine(tmp_path, random_bytes(MiB, seed=9))
+    for offset in (0, 100, CLUSTER + 7, MiB - 1):
+        write_now(engine, offset, b"")
+    assert engine.clusters_copied_by_writes == 0
+    assert engine.copymap.next_copied(0, engine.clusters) == engine.clusters

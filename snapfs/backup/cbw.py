@@ -58,6 +58,8 @@ class CopyBeforeWrite:
     async def write(self, offset: int, data: bytes) -> None:
         """Write `data` to the source at `offset` (within the image), after
         saving the old data of every cluster it touches."""
+        if not data:
+            return  # touches no cluster, wherever it starts
         first, end = self.cluster_span(offset, len(data))
         while (claim := self._claim_overlapping(first, end)) is not None:
             await claim.done.wait()

@@ -1,8 +1,11 @@
 """The copy map: which clusters the backup target holds.
 
-It lives in a small state file beside the target: a 4 KiB header (magic and a
-JSON description) followed by a bitmap with one bit per cluster, least
-significant bit first. Bit i set means cluster i of the point-in-time image is
+It lives in a small state file beside the target: a header (a magic line, the
+header's size as 16 hex digits and a newline, then a JSON description padded
+with NULs to a multiple of 4 KiB, with at least `HEADER_SLACK` bytes to spare
+for the figures added later) followed by a bitmap with one bit per cluster,
+least significant bit first. The header grows with the paths it records, so
+any path the file system accepts fits. Bit i set means cluster i of the point-in-time image is
 in the target, and the target's bytes for it are final.
 
 Both daemon processes map the file with MAP_SHARED: the live process is the only
@@ -20,17 +23,22 @@ import os
 import re
 
 MAGIC = b"SNAPFS-COPYMAP\n"
-HEADER_SIZE = 4096
+_SIZE_FIELD = 17  # 16 hex digits and a newline
+#: room in the header for what `write_info` adds after creation (the job's
+#: state, figures and error, which `BackupJob` keeps short)
+HEADER_SLACK = 4096
+_PAGE = 4096
 
 _NOT_ALL_SET = re.compile(rb"[^\xff]")
 _NOT_ALL_CLEAR = re.compile(rb"[^\x00]")
 
 
 class CopyMap:
-    def __init__(self, path: str, fd: int, mm: mmap.mmap, info: dict):
+    def __init__(self, path: str, fd: int, mm: mmap.mmap, info: dict, header_size: int):
         self.path = path
         self._fd = fd
         self._mm = mm
+        self._base = header_size  # where the bitmap starts
         self.info = info
         self.size: int = info["size"]
         self.cluster_size: int = info["cluster_size"]
@@ -41,19 +49,21 @@ class CopyMap:
                overwrite: bool = False) -> "CopyMap":
         info = dict(info, size=size, cluster_size=cluster_size)
         clusters = -(-size // cluster_size)
+        needed = len(MAGIC) + _SIZE_FIELD + len(_encode(info)) + HEADER_SLACK
+        header_size = -(-needed // _PAGE) * _PAGE
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
         fd = os.open(path, flags, 0o644)
         try:
             # Allocate the blocks now: a store into a mapped page that the
             # file system cannot back (it is full) kills the process (SIGBUS).
-            os.posix_fallocate(fd, 0, HEADER_SIZE + -(-clusters // 8))
+            os.posix_fallocate(fd, 0, header_size + -(-clusters // 8))
             mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            copymap = cls(path, fd, mm, info, header_size)
+            copymap.write_info()
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        copymap = cls(path, fd, mm, info)
-        copymap.write_info()
         return copymap
 
     @classmethod
@@ -62,42 +72,51 @@ class CopyMap:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
-            header = mm[:HEADER_SIZE]
-            if not header.startswith(MAGIC):
-                raise ValueError(f"{path}: not a snapfs state file")
-            info = json.loads(header[len(MAGIC):].rstrip(b"\0"))
+            try:
+                if mm[:len(MAGIC)] != MAGIC:
+                    raise ValueError
+                start = len(MAGIC) + _SIZE_FIELD
+                header_size = int(mm[len(MAGIC):start], 16)
+                info = json.loads(mm[start:header_size].rstrip(b"\0"))
+                clusters = -(-info["size"] // info["cluster_size"])
+                if len(mm) < header_size + -(-clusters // 8):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, ZeroDivisionError):
+                mm.close()
+                raise ValueError(f"{path}: not a snapfs copy map") from None
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, mm, info)
+        return cls(path, fd, mm, info, header_size)
 
     def write_info(self, **changes) -> None:
         """Update the JSON description in the header."""
-        self.info.update(changes)
-        header = MAGIC + json.dumps(self.info, sort_keys=True).encode()
-        if len(header) > HEADER_SIZE:
-            raise ValueError("state file header too large")
-        self._mm[:HEADER_SIZE] = header.ljust(HEADER_SIZE, b"\0")
+        info = dict(self.info, **changes)
+        header = MAGIC + b"%016x\n" % self._base + _encode(info)
+        if len(header) > self._base:
+            raise ValueError("copy map header too large")  # a bug: HEADER_SLACK too small
+        self._mm[:self._base] = header.ljust(self._base, b"\0")
+        self.info = info
 
     def copied(self, c0: int, c1: int) -> int:
         """Bit mask of the clusters [c0, c1): bit i set if cluster c0+i is copied."""
-        mm = self._mm
-        value = int.from_bytes(mm[HEADER_SIZE + (c0 >> 3):HEADER_SIZE + ((c1 + 7) >> 3)], "little")
+        mm, base = self._mm, self._base
+        value = int.from_bytes(mm[base + (c0 >> 3):base + ((c1 + 7) >> 3)], "little")
         return (value >> (c0 & 7)) & ((1 << (c1 - c0)) - 1)
 
     def mark(self, c0: int, c1: int) -> None:
         """Record the clusters [c0, c1) as copied. Only the live process's trio
         thread calls this, after the clusters' data is in the target."""
-        mm = self._mm
+        mm, base = self._mm, self._base
         while c0 < c1 and c0 & 7:
-            mm[HEADER_SIZE + (c0 >> 3)] |= 1 << (c0 & 7)
+            mm[base + (c0 >> 3)] |= 1 << (c0 & 7)
             c0 += 1
         whole_end = c1 & ~7
         if c0 < whole_end:
-            mm[HEADER_SIZE + (c0 >> 3):HEADER_SIZE + (whole_end >> 3)] = b"\xff" * ((whole_end - c0) >> 3)
+            mm[base + (c0 >> 3):base + (whole_end >> 3)] = b"\xff" * ((whole_end - c0) >> 3)
             c0 = whole_end
         while c0 < c1:
-            mm[HEADER_SIZE + (c0 >> 3)] |= 1 << (c0 & 7)
+            mm[base + (c0 >> 3)] |= 1 << (c0 & 7)
             c0 += 1
 
     def next_uncopied(self, c: int, end: int) -> int:
@@ -109,22 +128,22 @@ class CopyMap:
         return self._next(c, end, want_set=True)
 
     def _next(self, c: int, end: int, want_set: bool) -> int:
-        mm = self._mm
+        mm, base = self._mm, self._base
         while c < end and c & 7:
-            if bool(mm[HEADER_SIZE + (c >> 3)] >> (c & 7) & 1) == want_set:
+            if bool(mm[base + (c >> 3)] >> (c & 7) & 1) == want_set:
                 return c
             c += 1
         if c >= end:
             return end
         pattern = _NOT_ALL_CLEAR if want_set else _NOT_ALL_SET
-        match = pattern.search(mm, HEADER_SIZE + (c >> 3), HEADER_SIZE + ((end + 7) >> 3))
+        match = pattern.search(mm, base + (c >> 3), base + ((end + 7) >> 3))
         if match is None:
             return end
         byte = mm[match.start()]
         if not want_set:
             byte = ~byte & 0xFF
         lowest = (byte & -byte).bit_length() - 1
-        return min((match.start() - HEADER_SIZE) * 8 + lowest, end)
+        return min((match.start() - base) * 8 + lowest, end)
 
     def flush(self) -> None:
         self._mm.flush()
@@ -134,3 +153,9 @@ class CopyMap:
             self._mm.close()
             os.close(self._fd)
             self._fd = -1
+
+
+def _encode(info: dict) -> bytes:
+    """The header's JSON: ASCII, so that any path (non-UTF-8 bytes included,
+    as surrogates) survives the round trip."""
+    return json.dumps(info, sort_keys=True).encode()

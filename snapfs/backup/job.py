@@ -9,6 +9,13 @@ The job walks the clusters in order: each of its COPY_WORKERS tasks claims the
 next run of clusters that are neither copied nor claimed, copies it in a
 worker thread and releases it. The job stops between two runs when asked
 (cancel or shutdown), never in the middle of one.
+
+With a speed limit the job pays before it copies: a run of n bytes starts no
+earlier than n / speed seconds after the runs before it were paid for, so at
+any time t after the start it has copied at most speed * t bytes (plus the
+clusters that writes made it skip). Runs are cut to a quarter second's worth,
+and the waiting happens before a run is claimed, so a write never waits for
+the job's pause.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
 #: copies in flight at once: one reads while the other writes
 COPY_WORKERS = 2
+#: with a speed limit, a run holds at most this many seconds' worth of bytes
+PACE_SECONDS = 0.25
+#: longest error text kept (it goes into status and the copy map's header)
+MAX_ERROR_CHARS = 500
 
 
 class BackupJob:
@@ -41,11 +52,14 @@ class BackupJob:
         self.state = "running"
         self.error: str | None = None
         self.bytes_done = 0
+        if speed:
+            chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
         self._max_clusters = max(1, chunk_bytes // engine.cluster_size)
         self._runs = self._cluster_runs()
         self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
                                for i in range(0, len(self._runs), 2))
         self._stop = trio.Event()
+        self._pace = trio.Lock()
         self.finished = trio.Event()
 
     def _cluster_runs(self) -> array.array:
@@ -104,58 +118,77 @@ class BackupJob:
         self._run = 0
         self._pos = self._runs[0] if self._runs else 0
         self._started = trio.current_time()
-        self._copied = 0  # bytes the job copied itself, for the speed limit
+        self._paid = 0  # bytes of the runs claimed so far, for the speed limit
         async with trio.open_nursery() as nursery:
             for _ in range(COPY_WORKERS):
                 nursery.start_soon(self._worker)
         return self._run * 2 >= len(self._runs)
 
-    def _next_chunk(self) -> tuple[int, int] | None:
-        """Claimable clusters at the job's position, which moves past them;
-        what it skips was copied already (by writes)."""
-        runs = self._runs
-        while self._run * 2 < len(runs):
-            end = runs[self._run * 2 + 1]
-            found = self.engine.next_claimable(self._pos, end, self._max_clusters)
-            if found is None:
-                self.bytes_done += self._run_bytes(self._pos, end)
-                self._run += 1
-                if self._run * 2 < len(runs):
-                    self._pos = runs[self._run * 2]
-                continue
-            first, stop = found
-            self.bytes_done += self._run_bytes(self._pos, first)
-            self._pos = stop
-            return found
-        return None
+    def _next_chunk(self, move: bool = True) -> tuple[int, int] | None:
+        """Claimable clusters at the job's position, which moves past them
+        (unless not `move`); what it skips was copied already (by writes)."""
+        runs, run, pos, skipped = self._runs, self._run, self._pos, 0
+        found = None
+        while run * 2 < len(runs):
+            end = runs[run * 2 + 1]
+            found = self.engine.next_claimable(pos, end, self._max_clusters)
+            if found is not None:
+                skipped += self._run_bytes(pos, found[0])
+                pos = found[1]
+                break
+            skipped += self._run_bytes(pos, end)
+            run += 1
+            if run * 2 < len(runs):
+                pos = runs[run * 2]
+        if move:
+            self._run, self._pos = run, pos
+            self.bytes_done += skipped
+        return found
 
     async def _worker(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
-            found = self._next_chunk()
-            if found is None:
+            claim = await self._claim_next()
+            if claim is None:
                 return
-            claim = engine.claim(*found)
             copied = False
             try:
                 await trio.to_thread.run_sync(engine.copy, claim.first, claim.end)
                 copied = True
             finally:
                 engine.release(claim, copied=copied)
-            done = self._run_bytes(claim.first, claim.end)
-            self.bytes_done += done
-            self._copied += done
-            if self.speed:
-                await self._throttle(self._started + self._copied / self.speed)
+            self.bytes_done += self._run_bytes(claim.first, claim.end)
 
-    async def _throttle(self, until: float) -> None:
-        with trio.move_on_at(until):
-            await self._stop.wait()
+    async def _claim_next(self):
+        """Claim the next run to copy, after waiting for its turn under the
+        speed limit; None when there is nothing left or the job was stopped."""
+        if not self.speed:
+            found = self._next_chunk()
+            return None if found is None else self.engine.claim(*found)
+        async with self._pace:
+            ahead = self._next_chunk(move=False)
+            if ahead is None:
+                self._next_chunk()  # nothing left: move to the end
+                return None
+            paid = self._paid + self._run_bytes(*ahead)
+            with trio.move_on_at(self._started + paid / self.speed):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return None
+            # No checkpoint from here on: writes may have copied part of the
+            # run meanwhile, so look again and claim at once.
+            found = self._next_chunk()
+            if found is None:
+                return None
+            self._paid += self._run_bytes(*found)
+            return self.engine.claim(*found)
 
 
 def _describe(error: BaseException) -> str:
     """One line for the first error in `error`."""
     error = innermost(error)
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
+        text = error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return text[:MAX_ERROR_CHARS]
