@@ -27,8 +27,9 @@ Metadata handling
 -----------------
 The L1 table and (when writable) the refcount table live in memory; L2 tables
 and refcount blocks are kept in bounded LRU caches. All metadata caches are
-write-through: a metadata change is written to the file (`pwrite`) before the
-lock protecting it is released, so memory never holds metadata the file lacks.
+write-through: a metadata change is written to the file (`pwrite`) first and
+taken into memory only once that write has succeeded, all before the lock
+protecting it is released, so memory never holds metadata the file lacks.
 
 Host clusters are only ever allocated at the end of the file, never reused:
 refcount-0 clusters inside the file (freed clusters) stay free and their space
@@ -36,8 +37,9 @@ is given back with `fallocate(PUNCH_HOLE)`. Allocation takes clusters from a
 *reserved pool*: a run of clusters past the end of the file whose refcounts
 have already been raised to 1 (and the file extended over them) and made
 durable with one `fdatasync`. The pool grows geometrically (from 8 MiB, by
-doubling, up to 128 MiB or 65536 clusters) so that the fsync is rare; what is
-left of it is released (refcounts dropped, file truncated) by `close`.
+doubling, up to 128 MiB or 65536 clusters) so that the fsync is rare; `close`
+frees what is left of it and truncates the file after its last cluster in
+use.
 
 Crash guarantees
 ----------------
@@ -53,9 +55,10 @@ calls is what matters. The driver issues them in this order:
    clusters) is written before the L2 entry that points to it;
 3. a new L2 table is all zeroes (fresh pool cluster) before the L1 entry
    points to it;
-4. a reference is removed (L2 entry rewritten) before the refcount of the
-   cluster it named is lowered; lowering is deferred to the next `flush` or
-   `close`, after an `fdatasync`.
+4. a reference is removed (L2 entry rewritten; the header switched to a
+   moved refcount table; a bitmap dropped from the header) before the
+   refcount of the cluster it named is lowered; lowering is deferred to the
+   next `flush` or `close`, after an `fdatasync`.
 
 So at any point the file on disk is consistent: the worst a crash can do is
 leak clusters (refcount 1, no reference: the unused pool, deferred frees),
@@ -71,6 +74,25 @@ newly allocated cluster may read as zeroes or as its new data. `flush()`
 makes everything written so far durable.
 
 The dirty bit is never set (refcounts are never lower than the references).
+
+Failed writes
+-------------
+A write that fails (ENOSPC on a full file system, EIO) leaves the image
+consistent, and once `close` has run (if it can write) without leaks:
+
+- memory takes a metadata change only after its write succeeded; when the
+  write of L1 or L2 entries, refcounts, refcount table entries or the header's
+  refcount table fields fails, they are read back to learn what reached the
+  file (if that read fails too, the cached copy is dropped and nothing is
+  freed: a leak at worst, never a freed cluster that may still be in use);
+- clusters that a failed write took from the pool and that no L2 entry came
+  to point to, whichever of the old and new clusters of an L2 entry lost its
+  reference, and the clusters of a failed pool refill are queued for freeing
+  like dropped references (lowered at the next `flush` or `close`);
+- frees that fail stay queued.
+
+The failed write itself may be partly done (some clusters new, some old), as
+on a disk.
 
 Readers in other processes
 --------------------------
@@ -717,12 +739,53 @@ class Qcow2Image(Image):
         table[lo:hi] = _be_array(_pread_exact(self.fd, (hi - lo) * 8, offset + lo * 8))
         return table
 
-    def _write_l2_entries(self, l1_index: int, table: array.array, first: int, end: int) -> None:
-        offset = self.l1[l1_index] & L1E_OFFSET_MASK
-        _pwrite(self.fd, _be_bytes(table[first:end]), offset + first * 8)
+    def _write_l1_entry(self, l1_index: int, entry: int) -> None:
+        """Write an L1 entry to the file, then to memory."""
+        _pwrite(self.fd, entry.to_bytes(8, "big"), self.l1_offset + l1_index * 8)
+        self.l1[l1_index] = entry
 
-    def _write_l1_entry(self, l1_index: int) -> None:
-        _pwrite(self.fd, _be_bytes(self.l1[l1_index:l1_index + 1]), self.l1_offset + l1_index * 8)
+    def _on_disk(self, offset: int, length: int) -> bytes | None:
+        """The bytes of the file at `offset`, or None if they cannot be read:
+        after a failed metadata write, what reached the file."""
+        try:
+            return _pread_exact(self.fd, length, offset)
+        except OSError:
+            return None
+
+    def _update_l2(self, l1_index: int, table: array.array, changes: list) -> None:
+        """Set L2 entries [(index, new entry)], sorted by index: in the file,
+        then in memory; then queue the freeing of the clusters the replaced
+        entries named and the new ones do not.
+
+        If the write fails, the entries are read back to learn which reached
+        the file; memory is set to that, and for each entry whichever of the
+        old and the new clusters lost its reference is queued for freeing (a
+        failed allocating write leaks nothing). If the read fails too, the
+        table is dropped from the cache and nothing is freed: a leak at
+        worst, never a freed cluster that an entry may point to."""
+        lo, hi = changes[0][0], changes[-1][0] + 1
+        new = table[lo:hi]
+        for i, e in changes:
+            new[i - lo] = e
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        try:
+            _pwrite(self.fd, _be_bytes(new), offset + lo * 8)
+        except OSError:
+            raw = self._on_disk(offset + lo * 8, (hi - lo) * 8)
+            if raw is None:
+                self._l2_cache.pop(offset, None)
+                raise
+            found = _be_array(raw)
+            for i, e in changes:
+                if found[i - lo] == e:
+                    self._drop_reference(table[i], e)
+                elif found[i - lo] == table[i]:
+                    self._drop_reference(e, table[i])
+            table[lo:hi] = found
+            raise
+        for i, e in changes:
+            self._drop_reference(table[i], e)
+        table[lo:hi] = new
 
     def _map(self, offset: int, length: int) -> list:
         """The guest range as runs [kind, start, end, host offset, L2 entry].
@@ -849,26 +912,49 @@ class Qcow2Image(Image):
 
     def _rc_change(self, deltas: dict) -> list[int]:
         """Add deltas {cluster: delta} to refcounts, writing each touched
-        refcount block once. Returns the clusters whose refcount became 0."""
+        refcount block once (the file first, then memory). Returns the
+        clusters whose refcount became 0.
+
+        Applied deltas are removed from `deltas`: after a failure it holds
+        what is still to do. (A block whose write fails is read back to
+        learn which of its entries reached the file; if that read fails too,
+        the block is dropped from the cache and its deltas given up. This is
+        only used to lower refcounts, so giving up leaks at worst.)"""
         per_block: dict = {}
         E = self._rb_entries
-        for cluster, delta in deltas.items():
-            per_block.setdefault(cluster // E, []).append((cluster % E, delta))
+        for cluster in deltas:
+            per_block.setdefault(cluster // E, []).append(cluster % E)
         freed = []
         for index in sorted(per_block):
             block, offset = self._refblock(index)
-            lo, hi = E, 0
-            for i, delta in per_block[index]:
-                value = self._rc_get_in(block, i) + delta
+            entries = per_block[index]
+            new = bytearray(block)
+            for i in entries:
+                value = self._rc_get_in(block, i) + deltas[index * E + i]
                 if value < 0 or value > self._rc_max:
+                    del deltas[index * E + i]      # never to be tried again
                     raise self._corrupt(f"refcount of cluster {index * E + i} out of range "
                                         f"({value})")
-                self._rc_set_in(block, i, value)
-                lo, hi = min(lo, i), max(hi, i + 1)
-                if value == 0:
+                self._rc_set_in(new, i, value)
+            a, b = self._rc_entry_bytes(min(entries), max(entries) + 1)
+            try:
+                _pwrite(self.fd, new[a:b], offset + a)
+            except OSError:
+                raw = self._on_disk(offset + a, b - a)
+                if raw is None:
+                    self._rb_cache.pop(index, None)
+                for i in entries:
+                    if raw is None or self._rc_get_in(new, i) == self._rc_get_in(
+                            bytearray(a) + raw, i):
+                        del deltas[index * E + i]
+                if raw is not None:
+                    block[a:b] = raw
+                raise
+            block[a:b] = new[a:b]
+            for i in entries:
+                del deltas[index * E + i]
+                if not self._rc_get_in(block, i):
                     freed.append(index * E + i)
-            a, b = self._rc_entry_bytes(lo, hi)
-            _pwrite(self.fd, block[a:b], offset + a)
         return freed
 
     # --- allocation -----------------------------------------------------
@@ -879,7 +965,12 @@ class Qcow2Image(Image):
         out = []
         while count:
             if self._pool_next >= self._pool_end:
-                self._reserve(count)
+                try:
+                    self._reserve(count)
+                except BaseException:
+                    for first, n in out:     # taken, but nothing will point to them
+                        self._discard(range(first, first + n))
+                    raise
             take = min(count, self._pool_end - self._pool_next)
             if out and out[-1][0] + out[-1][1] == self._pool_next:
                 out[-1] = (out[-1][0], out[-1][1] + take)
@@ -892,12 +983,14 @@ class Qcow2Image(Image):
     def _reserve(self, count: int) -> None:
         """Refill the pool with at least `count` clusters past the end of the
         file, creating refcount blocks and growing the refcount table as
-        needed; durable before it returns."""
+        needed; durable before it returns.
+
+        If it fails (ENOSPC, EIO), the pool is unchanged and every cluster
+        whose refcount was raised and that nothing points to is queued for
+        freeing: the image stays consistent and leaks nothing."""
         cs = self.cluster_size
         E = self._rb_entries
         want = max(count, self._pool_chunk)
-        self._pool_chunk = min(self._pool_chunk * 2, max(1, POOL_MAX_BYTES // cs),
-                               POOL_MAX_CLUSTERS)
         while True:
             first = self._frontier
             new_table = 0     # clusters of a new (moved, bigger) refcount table
@@ -926,48 +1019,126 @@ class Qcow2Image(Image):
         blocks_at = first + new_table
         pool_at = blocks_at + len(missing)
         block_host = {b: (blocks_at + i) * cs for i, b in enumerate(missing)}
-
-        # 1. refcounts of every new cluster: new blocks in full, others in place
-        for b in range(first // E, last_block + 1):
-            lo, hi = max(first, b * E) - b * E, min(end, (b + 1) * E) - b * E
-            if b in block_host:
-                block = bytearray(cs)
+        new_blocks = {}
+        raised = False
+        try:
+            # 1. new metadata past the end of the file, which nothing points
+            #    to yet: new refcount blocks (counting the clusters of the
+            #    region they cover) and the new refcount table
+            for b in missing:
+                lo, hi = max(first, b * E) - b * E, min(end, (b + 1) * E) - b * E
+                block = new_blocks[b] = bytearray(cs)
                 self._rc_set_range_in(block, lo, hi, 1)
                 _pwrite(self.fd, block, block_host[b])
-                self._rb_cache.put(b, block)
-            else:
+            if os.fstat(self.fd).st_size < end * cs:
+                os.ftruncate(self.fd, end * cs)
+            if new_table:
+                reftable = array.array("Q", self.reftable)
+                reftable.frombytes(bytes(new_table * cs - len(reftable) * 8))
+                for b, host in block_host.items():
+                    reftable[b] = host
+                _pwrite(self.fd, _be_bytes(reftable), table_at * cs)
+            # 2. the refcounts of the region's clusters in existing blocks
+            for b in range(first // E, last_block + 1):
+                if b in block_host:
+                    continue
+                lo, hi = max(first, b * E) - b * E, min(end, (b + 1) * E) - b * E
                 block, offset = self._refblock(b)
-                self._rc_set_range_in(block, lo, hi, 1)
+                new = bytearray(block)
+                self._rc_set_range_in(new, lo, hi, 1)
                 x, y = self._rc_entry_bytes(lo, hi)
-                _pwrite(self.fd, block[x:y], offset + x)
-        if os.fstat(self.fd).st_size < end * cs:
-            os.ftruncate(self.fd, end * cs)
-        if new_table:
-            reftable = array.array("Q", self.reftable)
-            reftable.frombytes(bytes(new_table * cs - len(reftable) * 8))
-            for b, host in block_host.items():
-                reftable[b] = host
-            _pwrite(self.fd, _be_bytes(reftable), table_at * cs)
-        os.fdatasync(self.fd)
+                raised = True
+                try:
+                    _pwrite(self.fd, new[x:y], offset + x)
+                except OSError:
+                    raw = self._on_disk(offset + x, y - x)
+                    if raw is None:
+                        self._rb_cache.pop(b, None)
+                    else:
+                        block[x:y] = raw
+                    raise
+                block[x:y] = new[x:y]
+            os.fdatasync(self.fd)
 
-        # 2. point the refcount table (or the header) at what was written
-        if new_table:
-            old_offset, old_clusters = self.reft_offset, self.reft_clusters
-            _pwrite(self.fd, struct.pack(">QI", table_at * cs, new_table), 48)
-            os.fdatasync(self.fd)
-            self.reftable = reftable
-            self.reft_offset, self.reft_clusters = table_at * cs, new_table
-            old_first = old_offset // cs
-            freed = self._rc_change({c: -1 for c in range(old_first, old_first + old_clusters)})
-            self._punch_clusters(freed)
-        elif missing:
-            for b, host in block_host.items():
-                self.reftable[b] = host
-            lo, hi = min(missing), max(missing) + 1
-            _pwrite(self.fd, _be_bytes(self.reftable[lo:hi]), self.reft_offset + lo * 8)
-            os.fdatasync(self.fd)
+            # 3. point the refcount table (or the header) at what was written
+            if new_table:
+                switch = struct.pack(">QI", table_at * cs, new_table)
+                try:
+                    _pwrite(self.fd, switch, 48)
+                except OSError:
+                    got = self._on_disk(48, 12)
+                    if got is None:
+                        raised = None      # unknown: the new table may be in use
+                    elif got == switch:
+                        self._use_reftable(reftable, table_at * cs, new_table, new_blocks)
+                    raise
+                self._use_reftable(reftable, table_at * cs, new_table, new_blocks)
+                os.fdatasync(self.fd)
+            elif missing:
+                lo, hi = min(missing), max(missing) + 1
+                entries = self.reftable[lo:hi]
+                for b, host in block_host.items():
+                    entries[b - lo] = host
+                try:
+                    _pwrite(self.fd, _be_bytes(entries), self.reft_offset + lo * 8)
+                except OSError:
+                    raw = self._on_disk(self.reft_offset + lo * 8, (hi - lo) * 8)
+                    if raw is None:
+                        raised = None      # unknown: the blocks may be in use
+                        raise
+                    entries = _be_array(raw)
+                    self._link_blocks(lo, entries, new_blocks)
+                    raise
+                self._link_blocks(lo, entries, new_blocks)
+                os.fdatasync(self.fd)
+        except BaseException:
+            if raised is None:
+                self._frontier = end           # the region's state is unknown: leak it
+            elif raised or any(self.reftable[b] & REFT_OFFSET_MASK for b in missing
+                               if b < len(self.reftable)):
+                self._abandon(first, end)
+                self._frontier = end
+            raise
         self._pool_next, self._pool_end = pool_at, end
         self._frontier = end
+        self._pool_chunk = min(self._pool_chunk * 2, max(1, POOL_MAX_BYTES // cs),
+                               POOL_MAX_CLUSTERS)
+
+    def _use_reftable(self, reftable: array.array, offset: int, clusters: int,
+                      blocks: dict) -> None:
+        """The header now points to a new refcount table (with new blocks):
+        use it, and queue the old one for freeing (after the next sync)."""
+        old_first = self.reft_offset // self.cluster_size
+        for c in range(old_first, old_first + self.reft_clusters):
+            self._pending_frees[c] += 1
+        self.reftable = reftable
+        self.reft_offset, self.reft_clusters = offset, clusters
+        for b, block in blocks.items():
+            self._rb_cache.put(b, block)
+
+    def _link_blocks(self, lo: int, entries: array.array, blocks: dict) -> None:
+        """Refcount table entries [lo, lo + len(entries)) are now in the file
+        as `entries`: take them, and the new blocks they point to."""
+        self.reftable[lo:lo + len(entries)] = entries
+        for b, block in blocks.items():
+            if self.reftable[b] & REFT_OFFSET_MASK:
+                self._rb_cache.put(b, block)
+
+    def _abandon(self, first: int, end: int) -> None:
+        """After a failed refill of the pool: queue for freeing every cluster
+        of [first, end) that has a refcount and that nothing points to (all
+        but the refcount table and blocks the file now points to)."""
+        cs = self.cluster_size
+        keep = set(range(self.reft_offset // cs, self.reft_offset // cs + self.reft_clusters))
+        for b in range(first // self._rb_entries, (end - 1) // self._rb_entries + 1):
+            if b < len(self.reftable):
+                keep.add((self.reftable[b] & REFT_OFFSET_MASK) // cs)
+        try:
+            for c in range(first, end):
+                if c not in keep and self._refcount(c):
+                    self._pending_frees[c] += 1
+        except OSError:
+            pass     # a refcount block cannot be read: leak what is left
 
     def _last_used_in(self, first: int, end: int) -> int | None:
         """The last cluster in [first, end) with a nonzero refcount, or None."""
@@ -1016,15 +1187,34 @@ class Qcow2Image(Image):
             if host:
                 self._pending_frees[host // cs] += 1
 
+    def _drop_reference(self, entry: int, kept: int) -> None:
+        """L2 entry `entry` was replaced by `kept`: queue the freeing of the
+        clusters it named, unless `kept` names the same cluster."""
+        if not entry & OFLAG_COMPRESSED:
+            host = entry & L2E_OFFSET_MASK
+            if not host or (not kept & OFLAG_COMPRESSED and kept & L2E_OFFSET_MASK == host):
+                return
+        self._free_later(entry)
+
+    def _discard(self, clusters) -> None:
+        """Queue for freeing clusters taken from the pool that no table
+        points to: what a failed allocating write took."""
+        for c in clusters:
+            self._pending_frees[c] += 1
+
     def _apply_frees(self) -> None:
         """Lower the refcounts of dropped clusters, now that the tables that
-        dropped them are durable."""
+        dropped them are durable. What fails stays queued."""
         if not self._pending_frees:
             return
         os.fdatasync(self.fd)
-        frees = {c: -n for c, n in self._pending_frees.items()}
+        deltas = {c: -n for c, n in self._pending_frees.items()}
         self._pending_frees.clear()
-        self._punch_clusters(self._rc_change(frees))
+        try:
+            self._punch_clusters(self._rc_change(deltas))
+        finally:
+            for c, delta in deltas.items():
+                self._pending_frees[c] -= delta
 
     def _start_writing(self) -> None:
         if self._write_started:
@@ -1040,7 +1230,8 @@ class Qcow2Image(Image):
         """Before the first write: clear the autoclear bits (the spec demands
         it of a writer that does not know them) and remove persistent bitmaps,
         which this driver would not keep up to date; QEMU would ignore them
-        from then on and their clusters would leak, so free them cleanly.
+        from then on and their clusters would leak, so free them cleanly
+        (like dropped L2 entries: at the next flush or close).
 
         A bitmaps extension without the bitmaps autoclear bit is stale (a
         writer that did not know bitmaps has changed the image since), and
@@ -1068,10 +1259,8 @@ class Qcow2Image(Image):
         os.fdatasync(self.fd)
         self.autoclear = 0
         self._extensions = kept
-        # 2. then the clusters the bitmaps used
-        if clusters:
-            self._punch_clusters(self._rc_change({c: -n for c, n in clusters.items()}))
-            os.fdatasync(self.fd)
+        # 2. then the clusters the bitmaps used: freed after the next sync
+        self._pending_frees.update(clusters)
         if names:
             log.warning("%s: removed persistent bitmap(s) %s: snapfs does not keep them "
                         "up to date", self.path, ", ".join(names))
@@ -1124,10 +1313,19 @@ class Qcow2Image(Image):
         if not offset:
             [(cluster, _)] = self._alloc(1)
             offset = cluster << self.cluster_bits
+            entry = offset | OFLAG_COPIED
             table = array.array("Q", bytes(self.cluster_size))  # the pool cluster is zeroes
+            try:
+                self._write_l1_entry(l1_index, entry)
+            except OSError:
+                got = self._on_disk(self.l1_offset + l1_index * 8, 8)
+                if got == entry.to_bytes(8, "big"):
+                    self.l1[l1_index] = entry
+                    self._l2_cache.put(offset, table)
+                elif got is not None:
+                    self._discard([cluster])
+                raise
             self._l2_cache.put(offset, table)
-            self.l1[l1_index] = offset | OFLAG_COPIED
-            self._write_l1_entry(l1_index)
             return table
         table = self._l2_table(l1_index)
         if not entry & OFLAG_COPIED:
@@ -1135,8 +1333,7 @@ class Qcow2Image(Image):
             if refcount != 1:
                 raise OSError(errno.ENOTSUP, f"{self.path}: L2 table at {offset:#x} is shared "
                               f"(refcount {refcount}); cannot write")
-            self.l1[l1_index] = entry | OFLAG_COPIED
-            self._write_l1_entry(l1_index)
+            self._write_l1_entry(l1_index, entry | OFLAG_COPIED)
         return table
 
     # ------------------------------------------------------------------
@@ -1301,65 +1498,73 @@ class Qcow2Image(Image):
                 else:
                     clusters.append([cc, e, 0, True])
                     needed += 1
+            fresh = []
             if needed:
-                fresh = iter([first + i for first, n in self._alloc(needed) for i in range(n)])
+                fresh = [first + i for first, n in self._alloc(needed) for i in range(n)]
+                taken = iter(fresh)
                 for item in clusters:
                     if item[3]:
-                        item[2] = next(fresh) << bits
-
-            # the data, with copy-on-write fills, as host pieces [start, end, parts]
-            pieces: list = []
-            for cc, e, host, new in clusters:
-                cstart = cc << bits
-                cend = min(cstart + cs, self.size)
-                a = max(offset, cstart)
-                b = min(end, cend)
-                data = (a - offset, b - offset)
-                zero_reuse = not new and e & zero_flag
-                if not new and not zero_reuse:
-                    parts = [data]
-                    hstart = host + (a - cstart)
-                elif a == cstart and b == cend:
-                    parts = [data]
-                    hstart = host
-                else:
-                    old = self._fill(cc, e, fresh=new)
-                    if old is None:
-                        parts = [data]
-                        hstart = host + (a - cstart)
-                    else:
-                        old = memoryview(old)
-                        parts = [old[:a - cstart], data, old[b - cstart:cend - cstart]]
-                        hstart = host
-                hend = hstart + sum(len(p) if not isinstance(p, tuple) else p[1] - p[0]
-                                    for p in parts)
-                if pieces and pieces[-1][1] == hstart:
-                    prev = pieces[-1]
-                    prev[1] = hend
-                    if (isinstance(prev[2][-1], tuple) and isinstance(parts[0], tuple)
-                            and prev[2][-1][1] == parts[0][0]):
-                        prev[2][-1] = (prev[2][-1][0], parts[0][1])
-                        parts = parts[1:]
-                    prev[2].extend(parts)
-                else:
-                    pieces.append([hstart, hend, parts])
-            for hstart, _, parts in pieces:
-                _pwritev(self.fd, [view[p[0]:p[1]] if isinstance(p, tuple) else p
-                                   for p in parts], hstart)
+                        item[2] = next(taken) << bits
+            try:
+                self._write_data(offset, view, clusters)
+            except BaseException:
+                self._discard(fresh)     # nothing points to them: a failed write leaks nothing
+                raise
 
             # then the L2 entries that point to it
-            lo = hi = None
-            for cc, e, host, new in clusters:
-                if new or e & zero_flag:
-                    table[cc - base] = host | OFLAG_COPIED
-                    if new:
-                        self._free_later(e)
-                    if lo is None:
-                        lo = cc - base
-                    hi = cc - base + 1
-            if lo is not None:
-                self._write_l2_entries(l1_index, table, lo, hi)
+            changes = [(cc - base, host | OFLAG_COPIED) for cc, e, host, new in clusters
+                       if new or e & zero_flag]
+            if changes:
+                self._update_l2(l1_index, table, changes)
             c = seg_last + 1
+
+    def _write_data(self, offset: int, view: memoryview, clusters: list) -> None:
+        """Write the guest data of a write at `offset` into its host clusters
+        ([cluster, entry, host offset, new?] for each), with the copy-on-write
+        fill of partially written clusters that are new or were zero."""
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        zero_flag = self._zero_flag
+        end = offset + len(view)
+        # the data, with copy-on-write fills, as host pieces [start, end, parts]
+        pieces: list = []
+        for cc, e, host, new in clusters:
+            cstart = cc << bits
+            cend = min(cstart + cs, self.size)
+            a = max(offset, cstart)
+            b = min(end, cend)
+            data = (a - offset, b - offset)
+            zero_reuse = not new and e & zero_flag
+            if not new and not zero_reuse:
+                parts = [data]
+                hstart = host + (a - cstart)
+            elif a == cstart and b == cend:
+                parts = [data]
+                hstart = host
+            else:
+                old = self._fill(cc, e, fresh=new)
+                if old is None:
+                    parts = [data]
+                    hstart = host + (a - cstart)
+                else:
+                    old = memoryview(old)
+                    parts = [old[:a - cstart], data, old[b - cstart:cend - cstart]]
+                    hstart = host
+            hend = hstart + sum(len(p) if not isinstance(p, tuple) else p[1] - p[0]
+                                for p in parts)
+            if pieces and pieces[-1][1] == hstart:
+                prev = pieces[-1]
+                prev[1] = hend
+                if (isinstance(prev[2][-1], tuple) and isinstance(parts[0], tuple)
+                        and prev[2][-1][1] == parts[0][0]):
+                    prev[2][-1] = (prev[2][-1][0], parts[0][1])
+                    parts = parts[1:]
+                prev[2].extend(parts)
+            else:
+                pieces.append([hstart, hend, parts])
+        for hstart, _, parts in pieces:
+            _pwritev(self.fd, [view[p[0]:p[1]] if isinstance(p, tuple) else p
+                               for p in parts], hstart)
 
     def _reads_as_zero(self, cluster: int) -> bool:
         """Whether a cluster certainly reads as zeroes (cheap checks only)."""
@@ -1418,33 +1623,24 @@ class Qcow2Image(Image):
             if table is None and c >= backing_clusters:
                 c = seg_last + 1      # unallocated and nothing below: reads as zeroes
                 continue
-            changes = []
+            changes = []         # (index in the table, new entry)
+            punch = []
             for cc in range(c, seg_last + 1):
                 e = 0 if table is None else table[cc - base]
                 host = e & L2E_OFFSET_MASK
                 if e & OFLAG_COMPRESSED:
-                    changes.append((cc, OFLAG_ZERO, e))
+                    changes.append((cc - base, OFLAG_ZERO))
                 elif e & OFLAG_ZERO:
                     continue
                 elif host and e & OFLAG_COPIED:
                     # keep the cluster preallocated, give its space back
-                    changes.append((cc, host | OFLAG_COPIED | OFLAG_ZERO, 0))
-                elif host:
-                    changes.append((cc, OFLAG_ZERO, e))
-                elif cc < backing_clusters:
-                    changes.append((cc, OFLAG_ZERO, 0))
+                    changes.append((cc - base, host | OFLAG_COPIED | OFLAG_ZERO))
+                    punch.append(host >> bits)
+                elif host or cc < backing_clusters:
+                    changes.append((cc - base, OFLAG_ZERO))
             if changes:
                 table = self._l2_for_write(l1_index)
-                for cc, new, _ in changes:
-                    table[cc - base] = new
-                self._write_l2_entries(l1_index, table, changes[0][0] - base,
-                                       changes[-1][0] - base + 1)
-                punch = []
-                for cc, new, old in changes:
-                    if old:
-                        self._free_later(old)
-                    elif new & L2E_OFFSET_MASK:
-                        punch.append((new & L2E_OFFSET_MASK) >> bits)
+                self._update_l2(l1_index, table, changes)
                 self._punch_clusters(punch)
             c = seg_last + 1
 
@@ -1535,14 +1731,14 @@ class Qcow2Image(Image):
                 return
             try:
                 if self.writable and self._write_started:
+                    # give the unused pool back (nothing points to it) and cut
+                    # the free clusters off the end of the file
+                    refilled = self._pool_end
+                    self._discard(range(self._pool_next, self._pool_end))
+                    self._pool_next = self._pool_end = 0
                     self._apply_frees()
-                    if self._pool_next < self._pool_end:
-                        # give the unused pool back and cut it off the file
-                        self._rc_change({c: -1 for c in range(self._pool_next, self._pool_end)})
-                        os.fdatasync(self.fd)
-                        if os.fstat(self.fd).st_size <= self._pool_end * self.cluster_size:
-                            os.ftruncate(self.fd, self._pool_next * self.cluster_size)
-                        self._frontier = self._pool_end = self._pool_next
+                    if refilled:
+                        self._trim_tail()
                     os.fdatasync(self.fd)
             finally:
                 os.close(self.fd)
@@ -1550,6 +1746,23 @@ class Qcow2Image(Image):
                 if self.backing is not None:
                     self.backing.close()
                     self.backing = None
+
+    def _trim_tail(self) -> None:
+        """Truncate the file after its last cluster in use, if only free
+        clusters (the released pool) follow it."""
+        cs = self.cluster_size
+        end = self._frontier
+        if os.fstat(self.fd).st_size > end * cs:
+            return           # something this driver did not put there: leave it
+        lo = end
+        last = None
+        while lo > 0 and last is None:
+            lo = max(0, lo - max(self._rb_entries, end - lo))
+            last = self._last_used_in(lo, end)
+        keep = 0 if last is None else last + 1
+        if keep < end:
+            os.ftruncate(self.fd, keep * cs)
+            self._frontier = keep
 
 
 def _fsync_dir(path: str) -> None:
