@@ -1,3 +1,3 @@
-from snapfs.cli import main
+from snapfs.cli.main import main
 
 raise SystemExit(main())

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import control, mounts
+from snapfs import mounts
+from snapfs.cli import client
 
 SNAPFS = [sys.executable, "-m", "snapfs"]
 
@@ -69,7 +70,7 @@ def _kill(pid: int) -> None:
             time.sleep(0.1)
 
 
-alive = control.process_running
+alive = client.process_running
 
 
 @dataclass
@@ -91,6 +92,11 @@ class Instance:
         return self.snapshot_dir / self.source.name
 
     def status(self) -> dict:
+        """The snapshot's status (`snapfs status SNAPSHOT --json`)."""
+        return json.loads(run_snapfs("status", self.snapshot_dir, "--json").stdout)
+
+    def live_status(self) -> dict:
+        """The live disk's status, its snapshots included."""
         return json.loads(run_snapfs("status", self.live_dir, "--json").stdout)
 
     def wait(self, **kwargs):
@@ -114,14 +120,6 @@ class Instance:
             _kill(pid)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
 @pytest.fixture
 def mount(tmp_path):
     """mount(source, sync=..., cluster_size=..., speed=..., extra=[...]) runs
@@ -143,8 +141,8 @@ def mount(tmp_path):
         if speed:
             args += ["--speed", speed]
         run_snapfs(*args)
-        info = inst.status()
-        inst.pids = [info["pid"], *_children(info["pid"])]
+        info = inst.live_status()
+        inst.pids = [info["pid"], *(snap["pid"] for snap in info["snapshots"])]
         return inst
 
     yield do_mount

@@ -172,13 +172,21 @@ def test_busy_mount_point_and_target_in_other_mount_and_source_in_use(setup, mou
     inst.umount()
 
 
-@pytest.mark.parametrize("command", ["status", "wait", "cancel", "umount"])
+@pytest.mark.parametrize("command", ["status", "wait", "cancel", "umount", "snapshot",
+                                     "release"])
 def test_commands_on_something_else(setup, mount, command):
     root, source = setup
-    refuse(root, command, root / "live", expect="not a snapfs live mount")
-    refuse(root, command, root / "nowhere", expect="not a snapfs live mount")
+    args = ["--target", root / "t.img"] if command == "snapshot" else []
+    operand = [root / "snap"] if command == "snapshot" else []
+    expect = {"umount": "not a snapfs live mount", "snapshot": "not a snapfs live mount",
+              "release": "not a snapfs snapshot"}.get(command, "not a snapfs mount")
+    refuse(root, command, root / "live", *operand, *args, expect=expect)
+    refuse(root, command, root / "nowhere", *operand, *args, expect=expect)
     inst = mount(source, sync="none")
-    refuse(root, command, inst.snapshot_dir, expect="not a snapfs live mount")
+    if command in ("umount", "snapshot"):  # these want the live disk
+        refuse(root, command, inst.snapshot_dir, *operand, *args, expect=expect)
+    if command == "release":  # and this a snapshot
+        refuse(root, command, inst.live_dir, expect="a live disk, not a snapshot")
     assert is_mounted(inst.live_dir)
     inst.umount()
 

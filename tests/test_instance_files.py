@@ -77,7 +77,10 @@ def test_long_and_unusual_paths(tmp_path, letter):
         assert (snap / "disk.img").read_bytes() == original
         run_snapfs("wait", live)
         status = json.loads(run_snapfs("status", live, "--json").stdout)
-        assert status["target"] == str(target) and status["source"] == str(source)
+        assert status["source"] == str(source)
+        assert status["snapshots"][0]["target"] == str(target)
+        status = json.loads(run_snapfs("status", snap, "--json").stdout)
+        assert status["target"] == str(target) and status["state"] == "completed"
         shown = subprocess.run([*SNAPFS, "status", str(live)], capture_output=True)
         assert shown.returncode == 0 and os.fsencode(str(target)) in shown.stdout, shown.stderr
         result = subprocess.run([*SNAPFS, "umount", str(live)], capture_output=True)

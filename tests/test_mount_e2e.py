@@ -333,20 +333,41 @@ def test_status_into_a_closed_pipe(tmp_path, mount):
     inst.umount()
 
 
-@pytest.mark.parametrize("which", ["live", "snapshot"])
-def test_fusermount_of_either_mount_stops_both(tmp_path, mount, which):
+def test_fusermount_of_the_live_mount_stops_everything(tmp_path, mount):
     original = random_bytes(4 * MiB, seed=8)
     source = write_image(tmp_path / "disk.img", original)
     inst = mount(source, sync="full", speed="1M")
     with open(inst.live, "r+b") as f:
         f.write(b"new data")
-    path = inst.live_dir if which == "live" else inst.snapshot_dir
-    subprocess.run(["fusermount3", "-u", str(path)], check=True)
+    subprocess.run(["fusermount3", "-u", str(inst.live_dir)], check=True)
     assert wait_until(lambda: not is_mounted(inst.live_dir) and not is_mounted(inst.snapshot_dir))
     assert wait_until(lambda: not any(alive(pid) for pid in inst.pids)), "processes still running"
     assert source.read_bytes()[:8] == b"new data"
     target = inst.target.read_bytes()
     assert target[:CLUSTER] == original[:CLUSTER], "TARGET flushed with the old data"
+    assert not (tmp_path / "disk.img.snapfs-live").exists(), "state left behind"
+
+
+def test_fusermount_of_a_snapshot_releases_it_alone(tmp_path, mount):
+    """Unmounting a snapshot by hand is a release: its target is flushed with
+    the old data, its copy-before-write stops, the live disk goes on."""
+    original = random_bytes(4 * MiB, seed=8)
+    source = write_image(tmp_path / "disk.img", original)
+    inst = mount(source, sync="full", speed="1M")
+    with open(inst.live, "r+b") as f:
+        f.write(b"new data")
+    subprocess.run(["fusermount3", "-u", str(inst.snapshot_dir)], check=True)
+    assert wait_until(lambda: not alive(inst.pids[1])), "the snapshot process still runs"
+    assert wait_until(lambda: inst.live_status()["snapshots"] == [])
+    assert inst.target.read_bytes()[:CLUSTER] == original[:CLUSTER], "TARGET flushed"
+    with open(inst.live, "r+b") as f:  # no snapshot: straight to SOURCE
+        f.seek(2 * MiB)
+        f.write(b"more")
+    assert alive(inst.pids[0]) and is_mounted(inst.live_dir)
+    assert copymap_info(inst.target.with_name("target.img.snapfs"))["state"] == "cancelled"
+    inst.umount()
+    data = source.read_bytes()
+    assert data[:8] == b"new data" and data[2 * MiB:2 * MiB + 4] == b"more"
 
 
 def test_foreground_mount(tmp_path):

@@ -24,6 +24,7 @@ from snapfs.backup.copymap import CopyMap
 from snapfs.backup.job import BackupJob
 from snapfs.image.raw import RawImage
 from snapfs.backup.reader import SnapshotReader
+from snapfs.backup.store import Store
 
 CLUSTER = 64 << 10
 MiB = 1 << 20
@@ -34,11 +35,13 @@ def open_engine(tmp_path, original: bytes, cluster=CLUSTER):
     source = RawImage.open(str(tmp_path / "src"), writable=True)
     target = RawImage.create(str(tmp_path / "tgt"), len(original))
     copymap = CopyMap.create(str(tmp_path / "map"), len(original), cluster, {})
-    engine = CopyBeforeWrite(source, target, copymap)
+    engine = CopyBeforeWrite(source)
+    store = Store(target, copymap)
+    engine.add(store)
     reader = SnapshotReader(RawImage.open(str(tmp_path / "src")),
                             RawImage.open(str(tmp_path / "tgt")),
                             CopyMap.open(str(tmp_path / "map")))
-    return engine, reader
+    return engine, store, reader
 
 
 def write_now(engine: CopyBeforeWrite, offset: int, data: bytes) -> None:
@@ -83,7 +86,7 @@ class WriteDuringRead:
 def test_write_during_snapshot_read(tmp_path, copied_first, read_offset, read_length,
                                     write_offset, write_length):
     original = random_bytes(8 * CLUSTER, seed=1)
-    engine, reader = open_engine(tmp_path, original)
+    engine, store, reader = open_engine(tmp_path, original)
     if copied_first is not None:
         write_now(engine, copied_first * CLUSTER, random_bytes(CLUSTER, seed=2))
     reader.source = WriteDuringRead(reader.source, engine, write_offset,
@@ -99,7 +102,7 @@ def test_threads_write_copy_and_read_at_once(tmp_path):
     """The background job copies in a worker thread, writes run in the trio
     thread, snapshot readers in two more threads, all on the same 2 MiB."""
     original = random_bytes(2 * MiB, seed=4)
-    engine, reader = open_engine(tmp_path, original, cluster=4096)
+    engine, store, reader = open_engine(tmp_path, original, cluster=4096)
     stop = threading.Event()
     failures: list[str] = []
     reads = [0]
@@ -123,7 +126,7 @@ def test_threads_write_copy_and_read_at_once(tmp_path):
             await trio.sleep(0)
 
     async def main():
-        job = BackupJob(engine, "full", chunk_bytes=64 << 10, speed=1 * MiB)
+        job = BackupJob(engine, store, "full", chunk_bytes=64 << 10, speed=1 * MiB)
         threads = [threading.Thread(target=read_loop, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
@@ -143,7 +146,7 @@ def test_threads_write_copy_and_read_at_once(tmp_path):
     trio.run(main)
     assert not failures, failures[:5]
     assert reads[0] > 100
-    assert engine.clusters_copied_by_writes > 0
+    assert store.clusters_copied_by_writes > 0
     assert reader.read(0, len(original)) == original
 
 
@@ -222,8 +225,8 @@ def test_concurrent_writers_and_snapshot_readers_through_fuse(tmp_path, mount, f
 def test_empty_write_touches_no_cluster(tmp_path):
     """A zero-length write at an unaligned offset used to copy a cluster.
     (The kernel does not pass such writes through FUSE; other callers might.)"""
-    engine, reader = open_engine(tmp_path, random_bytes(MiB, seed=9))
+    engine, store, reader = open_engine(tmp_path, random_bytes(MiB, seed=9))
     for offset in (0, 100, CLUSTER + 7, MiB - 1):
         write_now(engine, offset, b"")
-    assert engine.clusters_copied_by_writes == 0
-    assert engine.copymap.next_copied(0, engine.clusters) == engine.clusters
+    assert store.clusters_copied_by_writes == 0
+    assert store.copymap.next_copied(0, store.clusters) == store.clusters

@@ -73,19 +73,20 @@ def test_umount_refuses_while_a_process_has_a_file_open(tmp_path, mount, which):
 def test_lazy_umount_serves_until_the_last_user_lets_go(tmp_path, mount):
     original = random_bytes(MiB, seed=2)
     source = write_image(tmp_path / "disk.img", original)
-    inst = mount(source, sync="none")
+    inst = mount(source, sync="full")
+    inst.wait()
     fd = os.open(inst.live, os.O_RDWR)
     try:
         result = run_snapfs("umount", "--lazy", inst.live_dir)
         assert result.stderr == ""
         assert not is_mounted(inst.live_dir), "--lazy detaches the live mount at once"
+        assert not is_mounted(inst.snapshot_dir), "the snapshot, not in use, is released"
         time.sleep(0.5)
         assert os.pwrite(fd, b"still served", 4096) == 12, "the open disk keeps working"
         assert os.pread(fd, 12, 4096) == b"still served"
-        assert all(alive(pid) for pid in inst.pids)
+        assert alive(inst.pids[0])
     finally:
         os.close(fd)
     assert wait_until(lambda: not any(alive(pid) for pid in inst.pids), timeout=30)
-    assert not is_mounted(inst.snapshot_dir)
     assert source.read_bytes()[4096:4108] == b"still served"
-    assert inst.target.read_bytes()[:65536] == original[:65536], "the old cluster was saved"
+    assert inst.target.read_bytes() == original

@@ -9,7 +9,7 @@ any path the file system accepts fits. Bit i set means cluster i of the point-in
 in the target, and the target's bytes for it are final.
 
 Both daemon processes map the file with MAP_SHARED: the live process is the only
-writer (and sets bits from one thread only); the snapshot process maps it
+writer (and sets bits from one thread only); the snapshot's process maps it
 read-only. A bit is set only after the cluster's data has been written to the
 target, and never cleared while mounted; docs/design.md explains why that lets
 the snapshot process read without locks.
@@ -67,11 +67,13 @@ class CopyMap:
         return copymap
 
     @classmethod
-    def open(cls, path: str) -> "CopyMap":
-        """Open an existing state file read-only."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def open(cls, path: str, writable: bool = False) -> "CopyMap":
+        """Open an existing copy map, read-only unless `writable` (to go on
+        filling it after a restart)."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
-            mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, prot)
             try:
                 if mm[:len(MAGIC)] != MAGIC:
                     raise ValueError
@@ -88,6 +90,10 @@ class CopyMap:
             os.close(fd)
             raise
         return cls(path, fd, mm, info, header_size)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def write_info(self, **changes) -> None:
         """Update the JSON description in the header."""

@@ -26,8 +26,9 @@ import logging
 import trio
 
 from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.store import Store
 from snapfs.errors import innermost
-from snapfs.instance import SYNC_MODES
+from snapfs.protocol import SYNC_MODES
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,14 @@ MAX_ERROR_CHARS = 500
 
 
 class BackupJob:
-    def __init__(self, engine: CopyBeforeWrite, sync: str, speed: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, engine: CopyBeforeWrite, store: Store, sync: str,
+                 speed: int | None = None, chunk_bytes: int = CHUNK_BYTES):
+        """Plans the copy: for top, what the source's top layer holds now (the
+        caller makes this the snapshot's point in time)."""
         if sync not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {sync!r}")
         self.engine = engine
+        self.store = store
         self.sync = sync
         self.speed = speed
         self.state = "running"
@@ -54,7 +58,7 @@ class BackupJob:
         self.bytes_done = 0
         if speed:
             chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
-        self._max_clusters = max(1, chunk_bytes // engine.cluster_size)
+        self._max_clusters = max(1, chunk_bytes // store.cluster_size)
         self._runs = self._cluster_runs()
         self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
                                for i in range(0, len(self._runs), 2))
@@ -64,13 +68,13 @@ class BackupJob:
 
     def _cluster_runs(self) -> array.array:
         """The clusters to copy, as a flat array [first0, end0, first1, end1, ...]."""
-        engine = self.engine
+        store = self.store
         runs = array.array("Q")
         if self.sync == "full":
-            runs.extend((0, engine.clusters))
+            runs.extend((0, store.clusters))
         elif self.sync == "top":
-            cs = engine.cluster_size
-            for start, end in engine.source.data_extents(0, engine.size):
+            cs = store.cluster_size
+            for start, end in self.engine.source.data_extents(0, store.size):
                 first, stop = start // cs, -(-end // cs)
                 if runs and runs[-1] >= first:  # touches the previous run
                     runs[-1] = max(runs[-1], stop)
@@ -79,8 +83,8 @@ class BackupJob:
         return runs
 
     def _run_bytes(self, first: int, end: int) -> int:
-        cs = self.engine.cluster_size
-        return min(end * cs, self.engine.size) - first * cs
+        start, stop = self.store.byte_span(first, end)
+        return stop - start
 
     def cancel(self) -> None:
         """Stop the copy at the next run boundary, for good (nothing to do
@@ -92,9 +96,20 @@ class BackupJob:
         """Stop the copy because snapfs is shutting down."""
         self._stop.set()
 
+    def ended(self, state: str, error: str | None = None) -> None:
+        """The job had ended before the daemon restarted (the copy map's
+        header says how): it stays ended and `run` returns at once."""
+        self.state, self.error = state, error
+        if state == "completed":
+            self.bytes_done = self.bytes_total
+        self._stop.set()
+        self.finished.set()
+
     async def run(self) -> None:
         """Copy until done or stopped. With sync none, just wait to be stopped:
         the target then holds every cluster that writes replaced."""
+        if self.finished.is_set():
+            return
         try:
             if self.sync == "none":
                 await self._stop.wait()
@@ -131,7 +146,7 @@ class BackupJob:
         found = None
         while run * 2 < len(runs):
             end = runs[run * 2 + 1]
-            found = self.engine.next_claimable(pos, end, self._max_clusters)
+            found = self.store.next_claimable(pos, end, self._max_clusters)
             if found is not None:
                 skipped += self._run_bytes(pos, found[0])
                 pos = found[1]
@@ -146,17 +161,17 @@ class BackupJob:
         return found
 
     async def _worker(self) -> None:
-        engine = self.engine
+        store = self.store
         while not self._stop.is_set():
             claim = await self._claim_next()
             if claim is None:
                 return
             copied = False
             try:
-                await trio.to_thread.run_sync(engine.copy, claim.first, claim.end)
+                await trio.to_thread.run_sync(self.engine.copy, store, claim.first, claim.end)
                 copied = True
             finally:
-                engine.release(claim, copied=copied)
+                store.release(claim, copied=copied)
             self.bytes_done += self._run_bytes(claim.first, claim.end)
 
     async def _claim_next(self):
@@ -164,7 +179,7 @@ class BackupJob:
         speed limit; None when there is nothing left or the job was stopped."""
         if not self.speed:
             found = self._next_chunk()
-            return None if found is None else self.engine.claim(*found)
+            return None if found is None else self.store.claim(*found)
         async with self._pace:
             ahead = self._next_chunk(move=False)
             if ahead is None:
@@ -181,7 +196,7 @@ class BackupJob:
             if found is None:
                 return None
             self._paid += self._run_bytes(*found)
-            return self.engine.claim(*found)
+            return self.store.claim(*found)
 
 
 def _describe(error: BaseException) -> str:

@@ -1,23 +1,15 @@
 """The live mount: the source image as a writable file whose writes go
-through copy-before-write. Its root directory also carries the control
-interface (extended attributes, see snapfs.control)."""
+through copy-before-write."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-from typing import Callable
 
 import pyfuse3
-import trio
 
-from snapfs import control
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.fuse.single_file import SingleFileOperations
-
-_STATUS = control.STATUS_XATTR.encode()  # pyfuse3 passes attribute names as bytes
-_COMMAND = control.COMMAND_XATTR.encode()
 
 
 class LiveOperations(SingleFileOperations):
@@ -26,12 +18,9 @@ class LiveOperations(SingleFileOperations):
     size and data, as qemu-storage-daemon's FUSE export does. pyfuse3 has no
     fallocate handler, so the kernel refuses fallocate with EOPNOTSUPP."""
 
-    def __init__(self, name: str, engine: CopyBeforeWrite,
-                 status: Callable[[], dict], command: Callable[[str], None]):
+    def __init__(self, name: str, engine: CopyBeforeWrite):
         super().__init__(name, engine.size, engine.source.stat, writable=True)
         self.engine = engine
-        self.status = status
-        self.command = command
 
     async def open(self, inode, flags, ctx):
         self.check_open(inode, flags)
@@ -54,7 +43,7 @@ class LiveOperations(SingleFileOperations):
         return length
 
     async def fsync(self, fh, datasync):
-        await trio.to_thread.run_sync(self.engine.flush)
+        await self.engine.flush()
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == pyfuse3.ROOT_INODE:
@@ -69,21 +58,3 @@ class LiveOperations(SingleFileOperations):
             mtime = attr.st_mtime_ns if fields.update_mtime else now.st_mtime_ns
             os.utime(self.engine.source.fd, ns=(atime, mtime))
         return await self.getattr(inode, ctx)
-
-    # --- control --------------------------------------------------------
-
-    async def getxattr(self, inode, name, ctx):
-        if inode == pyfuse3.ROOT_INODE and name == _STATUS:
-            return json.dumps(self.status()).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode, ctx):
-        return [_STATUS] if inode == pyfuse3.ROOT_INODE else []
-
-    async def setxattr(self, inode, name, value, ctx):
-        if inode != pyfuse3.ROOT_INODE or name != _COMMAND:
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
-        command = value.decode(errors="replace")
-        if command not in control.COMMANDS:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        self.command(command)

@@ -17,11 +17,10 @@ from snapfs.backup.reader import SnapshotReader
 
 
 class SnapshotOperations(SingleFileOperations):
-    def __init__(self, name: str, reader: SnapshotReader):
-        # the times are the source's at the point in time; owner and
-        # permissions (minus write) follow the source's current ones
-        super().__init__(name, reader.size, reader.source.stat, writable=False,
-                         times=reader.source.stat())
+    def __init__(self, name: str, reader: SnapshotReader, times):
+        """`times`: SOURCE's times at the point in time (st_atime_ns, ...);
+        owner and permissions (minus write) follow SOURCE's current ones."""
+        super().__init__(name, reader.size, reader.source.stat, writable=False, times=times)
         self.reader = reader
 
     def check_open(self, inode, flags):

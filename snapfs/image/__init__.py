@@ -18,9 +18,16 @@ def _driver(fmt: str):
         raise ValueError(f"unknown image format {fmt!r}") from None
 
 
-def open_image(path: str, fmt: str = "raw", writable: bool = False) -> Image:
-    """Open an existing image of format `fmt`."""
-    return _driver(fmt).open(path, writable=writable)
+def open_image(path: str, fmt: str = "raw", writable: bool = False,
+               backing_dir: str | None = None, with_backing: bool = True) -> Image:
+    """Open an existing image of format `fmt`. A qcow2 image finds a backing
+    file with a relative name in `backing_dir` (default: `path`'s directory);
+    without `with_backing` it opens its own layer only, and reading a cluster
+    it does not hold fails (for a reader that never reads those)."""
+    if fmt == "raw":
+        return _driver(fmt).open(path, writable=writable)
+    return _driver(fmt).open(path, writable=writable, backing_dir=backing_dir,
+                             with_backing=with_backing)
 
 
 def create_image(path: str, size: int, fmt: str = "raw", overwrite: bool = False,

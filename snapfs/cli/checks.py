@@ -1,0 +1,120 @@
+"""The checks of `mount` and `snapshot`: every refusal is one line, made
+before anything is created or mounted. Paths come back absolute, with the
+directories' symbolic links resolved, so that the daemon never depends on
+the command's working directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from snapfs import filelock, mounts
+from snapfs.errors import UserError
+from snapfs.image import open_image
+from snapfs.protocol import SnapshotRequest, copymap_path
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def check_source(path: str, fmt: str | None) -> tuple[str, str, os.stat_result]:
+    """(absolute path, format, status) of a SOURCE fit to be a live disk."""
+    source = os.path.abspath(path)
+    try:
+        st = os.stat(source)
+    except OSError as e:
+        raise UserError(f"source {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"source {path}: not a regular file")
+    try:
+        os.close(os.open(source, os.O_RDWR))
+    except OSError as e:
+        raise UserError(f"source {path}: cannot open for reading and writing: "
+                        f"{e.strerror}") from None
+    if st.st_size == 0:
+        raise UserError(f"source {path}: empty image")
+    other = mounts.snapfs_mount_containing(source)
+    if other:
+        raise UserError(f"source {path}: inside the snapfs mount {other}")
+    filelock.check_free(source, "source")
+    if (fmt or "raw") == "raw":
+        with open(source, "rb") as f:
+            looks_qcow2 = f.read(4) == QCOW2_MAGIC
+        if looks_qcow2 and fmt is None:
+            raise UserError(f"source {path}: starts with the qcow2 magic; give "
+                            "--format qcow2 for its guest view, or --format raw for its bytes")
+        if looks_qcow2:
+            print(f"snapfs: warning: source {path} starts with the qcow2 magic; "
+                  "using its bytes as a raw disk, as --format raw asks", file=sys.stderr)
+    fmt = fmt or "raw"
+    open_image(source, fmt, writable=True).close()  # refuses what the driver cannot serve
+    return source, fmt, st
+
+
+def check_mount_point(path: str, what: str) -> str:
+    real = os.path.realpath(path)
+    if mounts.mount_type(real) is not None:
+        raise UserError(f"{what} {path}: busy, something is mounted there already")
+    if not os.path.exists(real):
+        raise UserError(f"{what} {path}: no such directory")
+    if not os.path.isdir(real):
+        raise UserError(f"{what} {path}: not a directory")
+    other = mounts.snapfs_mount_containing(real)
+    if other:
+        raise UserError(f"{what} {path}: inside the snapfs mount {other}")
+    return real
+
+
+def check_not_covering(source: str, source_arg: str, point: str, what: str) -> None:
+    if mounts.inside(os.path.realpath(source), point):
+        raise UserError(f"source {source_arg}: lies inside {what} {point}, "
+                        "which the mount would cover")
+
+
+def check_snapshot(args, source: str, source_st: os.stat_result, source_format: str,
+                   live: str) -> SnapshotRequest:
+    """A snapshot of the live disk of `source` mounted (or to be mounted) on
+    `live`: SNAPSHOT and --target as the command line gives them."""
+    snapshot = check_mount_point(args.snapshot, "SNAPSHOT")
+    if snapshot == live:
+        raise UserError(f"LIVE and SNAPSHOT are the same directory: {args.snapshot}")
+    if mounts.inside(live, snapshot) or mounts.inside(snapshot, live):
+        raise UserError("LIVE and SNAPSHOT must not lie inside each other")
+    check_not_covering(source, source, snapshot, "SNAPSHOT")
+
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.target))),
+                          os.path.basename(args.target))
+    target_dir = os.path.dirname(target)
+    if not os.path.basename(args.target):
+        raise UserError(f"target {args.target}: names a directory, not a file")
+    if not os.path.isdir(target_dir):
+        raise UserError(f"target {args.target}: directory {os.path.dirname(args.target) or '.'} "
+                        "does not exist")
+    for point in (live, snapshot):
+        if mounts.inside(target, point):
+            raise UserError(f"target {args.target}: inside the mount point {point}")
+    other = mounts.snapfs_mount_containing(target_dir)
+    if other:
+        raise UserError(f"target {args.target}: inside the snapfs mount {other}")
+    for path in (target, copymap_path(target)):
+        if os.path.realpath(path) == os.path.realpath(source) or _same_file(path, source_st):
+            raise UserError(f"target {args.target}: is the source")
+        if os.path.lexists(path):
+            if not args.force:
+                raise UserError(f"target {path}: already exists (use --force to replace it)")
+            if not os.path.isfile(path):
+                raise UserError(f"target {path}: exists and is not a regular file")
+            filelock.check_free(path, "target")
+    return SnapshotRequest(snapshot=snapshot, target=target, sync=args.sync,
+                           target_format=args.target_format or source_format,
+                           cluster_size=args.cluster_size, speed=args.speed, force=args.force)
+
+
+def _same_file(path: str, st: os.stat_result | None) -> bool:
+    if st is None:
+        return False
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)

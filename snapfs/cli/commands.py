@@ -1,0 +1,152 @@
+"""The commands that talk to a running live disk: snapshot, release, status,
+wait, cancel, umount (and mount, in start.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from snapfs.cli import client
+from snapfs.cli.checks import check_snapshot
+from snapfs.cli.start import check_serving, cmd_mount
+from snapfs.errors import UserError
+from snapfs.units import human
+
+#: how often `wait` and `cancel` look at the status
+POLL_SECONDS = 0.05
+#: how long `umount` waits for the daemon to flush and exit
+UMOUNT_TIMEOUT = 300
+
+
+# --- snapshots ------------------------------------------------------------
+
+def cmd_snapshot(args) -> int:
+    live = client.locate_live(args.live)
+    info = client.status(live.instance)
+    request = check_snapshot(args, info["source"], _source_status(info), info["format"],
+                             live.point)
+    client.request(live.instance, "snapshot", request=request.to_dict())
+    check_serving([os.path.join(request.snapshot, os.path.basename(info["live"]))])
+    return 0
+
+
+def _source_status(info: dict) -> os.stat_result | None:
+    """SOURCE's status, to refuse it as a target (it may have been renamed)."""
+    try:
+        return os.stat(info["source"])
+    except OSError:
+        return None
+
+
+def cmd_release(args) -> int:
+    point = os.path.realpath(args.snapshot)
+    try:
+        where = client.locate(args.snapshot)
+    except UserError:
+        found = client.find_snapshot_anywhere(point)  # one left without a mount
+        if found is None:
+            raise UserError(f"{args.snapshot}: not a snapfs snapshot") from None
+        instance = found[0]
+    else:
+        if where.kind != "snapshot":
+            raise UserError(f"{args.snapshot}: a live disk, not a snapshot (snapfs umount "
+                            "ends a live disk)")
+        instance = where.instance
+    client.request(instance, "release", snapshot=point, lazy=args.lazy)
+    return 0
+
+
+# --- status, wait, cancel -------------------------------------------------
+
+def cmd_status(args) -> int:
+    where = client.locate(args.path)
+    if where.kind == "live":
+        info = client.status(where.instance)
+    else:
+        info = client.snapshot_status(args.path)[1]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if where.kind == "live":
+        lines = [f"live:      {info['live']}",
+                 f"source:    {info['source']} ({info['format']}, {human(info['size'])})",
+                 f"daemon:    pid {info['pid']}",
+                 f"snapshots: {len(info['snapshots'])}"]
+        for snap in info["snapshots"]:
+            lines += [""] + _snapshot_lines(snap)
+    else:
+        lines = _snapshot_lines(info)
+    print("\n".join(lines))
+    return 0
+
+
+def _snapshot_lines(info: dict) -> list[str]:
+    lines = [f"snapshot:  {info['snapshot']}",
+             f"state:     {info['state']}" + (f" ({info['error']})" if info["error"] else ""),
+             f"sync:      {info['sync']}"]
+    if info["sync"] != "none":
+        total = info["bytes_total"]
+        percent = 100 * info["bytes_done"] / total if total else 100.0
+        lines.append(f"copied:    {human(info['bytes_done'])} of {human(total)} ({percent:.0f}%)")
+    lines += [f"by writes: {info['clusters_copied_by_writes']} clusters of "
+              f"{human(info['cluster_size'])} copied before a write",
+              f"target:    {info['target']}"]
+    return lines
+
+
+def cmd_wait(args) -> int:
+    where, info = client.snapshot_status(args.path)
+    if info["sync"] == "none":
+        raise UserError("nothing to wait for: sync mode none has no background copy")
+    while info["state"] == "running":
+        time.sleep(POLL_SECONDS)
+        try:
+            info = _snapshot_by_dir(where.instance, info["snapshot_dir"])
+        except UserError:
+            raise UserError(f"{args.path}: released or unmounted before the background copy "
+                            "ended") from None
+    if info["state"] == "completed":
+        return 0
+    raise UserError(f"the background copy {info['state']}"
+                    + (f": {info['error']}" if info["error"] else ""))
+
+
+def _snapshot_by_dir(instance: str, directory: str) -> dict:
+    for snap in client.status(instance)["snapshots"]:
+        if snap["snapshot_dir"] == directory:
+            return snap
+    raise UserError(f"{directory}: no longer a snapshot")
+
+
+def cmd_cancel(args) -> int:
+    where, info = client.snapshot_status(args.path)
+    client.request(where.instance, "cancel", snapshot=info["snapshot_dir"])
+    return 0
+
+
+# --- umount ---------------------------------------------------------------
+
+def cmd_umount(args) -> int:
+    live = client.locate_live(args.live)
+    try:
+        reply = client.request(live.instance, "umount", lazy=args.lazy)
+    except client.DaemonGone:
+        client.unmount_leftovers(live.instance)
+        raise UserError(f"{args.live}: the daemon had died; unmounted what was left; "
+                        "snapfs mount SOURCE LIVE brings its snapshots back") from None
+    if args.lazy:
+        return 0
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while client.process_running(reply["pid"]):
+        if time.monotonic() > deadline:
+            raise UserError(f"the snapfs daemon (pid {reply['pid']}) did not stop in time")
+        time.sleep(POLL_SECONDS)
+    left = client.unmount_leftovers(live.instance)
+    if left:
+        raise UserError(f"the daemon exited but left {', '.join(left)} mounted; unmounted now")
+    return 0
+
+
+COMMANDS = {"mount": cmd_mount, "snapshot": cmd_snapshot, "release": cmd_release,
+            "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel, "umount": cmd_umount}

@@ -1,0 +1,122 @@
+"""The `snapfs` command line: its options, and one line for every error.
+
+Every refusal is one line on stderr and exit code 1 (2 for command-line
+syntax), checked before anything is created or mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from snapfs.errors import UserError
+from snapfs.image import FORMATS
+from snapfs.protocol import SYNC_MODES
+from snapfs.units import parse_size
+
+MIN_CLUSTER = 4 << 10
+MAX_CLUSTER = 2 << 20
+
+
+def _cluster_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad cluster size {text!r}") from None
+    if size & (size - 1) or not MIN_CLUSTER <= size <= MAX_CLUSTER:
+        raise argparse.ArgumentTypeError(
+            f"bad cluster size {text!r}: must be a power of two from 4K to 2M")
+    return size
+
+
+def _speed(text: str) -> int:
+    try:
+        speed = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad speed {text!r}: bytes/s, e.g. 50M") from None
+    if speed <= 0:
+        raise argparse.ArgumentTypeError(f"bad speed {text!r}: must be more than 0")
+    return speed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"snapfs: {message} (see {self.prog} --help)\n")
+
+
+def _snapshot_options(parser: argparse.ArgumentParser, target_required: bool) -> None:
+    parser.add_argument("--target", required=target_required, metavar="TARGET",
+                        help="the backup target file to create")
+    parser.add_argument("--target-format", choices=FORMATS,
+                        help="TARGET's format (default: SOURCE's format)")
+    parser.add_argument("--sync", choices=SYNC_MODES, default="full",
+                        help="what the background copy copies (default: full)")
+    parser.add_argument("--cluster-size", type=_cluster_size, default=64 << 10, metavar="SIZE",
+                        help="copy granularity, a power of two from 4K to 2M (default 64K)")
+    parser.add_argument("--speed", type=_speed, metavar="RATE",
+                        help="limit of the background copy in bytes/s (K/M/G suffixes)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing TARGET (never one a running instance holds)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="snapfs", description="Point-in-time snapshots of a disk image in use.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    mount = commands.add_parser("mount", help="mount SOURCE as a live disk (and a first snapshot)")
+    mount.add_argument("source", metavar="SOURCE", help="the disk image")
+    mount.add_argument("live", metavar="LIVE", help="directory where the live disk appears")
+    mount.add_argument("snapshot", metavar="SNAPSHOT", nargs="?",
+                       help="directory where a snapshot taken now appears (needs --target)")
+    mount.add_argument("--format", choices=FORMATS,
+                       help="SOURCE's format (default raw; never guessed from its contents)")
+    _snapshot_options(mount, target_required=False)
+    mount.add_argument("--foreground", action="store_true",
+                       help="stay attached and log to stderr until unmounted")
+
+    snapshot = commands.add_parser("snapshot", help="take a snapshot of a live disk now")
+    snapshot.add_argument("live", metavar="LIVE")
+    snapshot.add_argument("snapshot", metavar="SNAPSHOT",
+                          help="directory where the point-in-time image appears")
+    _snapshot_options(snapshot, target_required=True)
+
+    release = commands.add_parser("release", help="end a snapshot; the live disk stays")
+    release.add_argument("snapshot", metavar="SNAPSHOT")
+    release.add_argument("--lazy", action="store_true",
+                         help="detach SNAPSHOT even while in use; it ends when its last "
+                              "user lets go")
+
+    status = commands.add_parser("status", help="show a live disk and its snapshots, or one "
+                                                "snapshot")
+    status.add_argument("path", metavar="LIVE|SNAPSHOT")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    for name, text in (("wait", "wait until a snapshot's background copy ends"),
+                       ("cancel", "stop a snapshot's background copy")):
+        commands.add_parser(name, help=text).add_argument("path", metavar="SNAPSHOT|LIVE")
+    umount = commands.add_parser("umount", help="release every snapshot, unmount the live disk")
+    umount.add_argument("live", metavar="LIVE")
+    umount.add_argument("--lazy", action="store_true",
+                        help="detach the mounts even while in use; the instance stops when "
+                             "the last program using them lets go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # paths need not be UTF-8
+        stream.reconfigure(errors="surrogateescape")
+    args = build_parser().parse_args(argv)
+    from snapfs.cli import commands
+
+    try:
+        return commands.COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"snapfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`snapfs status LIVE | head -1`): no traceback,
+        # and no second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

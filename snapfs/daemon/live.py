@@ -1,0 +1,298 @@
+"""The live process: the daemon of one live disk.
+
+It owns SOURCE (locked and open read/write), serves the live mount, runs
+copy-before-write for every snapshot, and answers the commands on its control
+socket. Each snapshot is served by a process of its own (pyfuse3 serves one
+FUSE session per process), started and ended by `daemon.snapshot.Snapshot`.
+
+Start: lock and open SOURCE; bring back the snapshots the state file lists
+(the last daemon died with them active), take the snapshot `snapfs mount` asked
+for, if any; listen on the control socket; mount the live disk; tell the
+starter. Snapshots are therefore up before the first write reaches the disk.
+
+Stop: the live process stops when its mount goes away (`snapfs umount`,
+`fusermount3 -u LIVE`, or after `snapfs umount --lazy` when the last user
+lets go) or on SIGTERM/SIGINT/SIGHUP. It ends every snapshot (unmounting it;
+one still in use is detached and waited for; on a signal they are stopped at
+once), flushes SOURCE, and removes its state directory: nothing stays behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import time
+
+import pyfuse3
+import trio
+
+from snapfs import filelock, mounts
+from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.daemon.control_server import serve_control
+from snapfs.daemon.snapshot import Snapshot
+from snapfs.daemon.state import LiveState, identity
+from snapfs.errors import UserError
+from snapfs.fuse.live import LiveOperations
+from snapfs.image import open_image
+from snapfs.image.base import Image
+from snapfs.protocol import LiveConfig, Readiness, SnapshotRequest, fsname
+
+log = logging.getLogger("snapfs")
+
+#: how many snapshots one live disk may have at once
+MAX_SNAPSHOTS = 32
+#: how long commands being answered may hold up the stop
+HANDLER_GRACE = 10
+
+
+def mount_options(instance: str) -> set[str]:
+    return {"default_permissions", "allow_other", f"fsname={fsname(instance)}",
+            "subtype=snapfs-live"}
+
+
+class LiveDaemon:
+    def __init__(self, cfg: LiveConfig, readiness: Readiness):
+        self.cfg = cfg
+        self.readiness = readiness
+        self.instance = secrets.token_hex(8)
+        self.state = LiveState(cfg.source)
+        self.started_at = time.time()
+        self.snapshots: list[Snapshot] = []
+        self.source: Image | None = None
+        self.engine: CopyBeforeWrite | None = None
+        self.stopping = False  # no new snapshots
+        self.forced = False  # a signal: end snapshots at once
+        self._nursery: trio.Nursery | None = None
+        self._lifeline_read, self._lifeline_write = os.pipe()
+        self._stop_requested = trio.Event()
+
+    # --- the process ----------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, filelock.lock(cfg.source, "source"))
+            self.source = open_image(cfg.source, cfg.format, writable=True)
+            stack.callback(self.source.close)
+            for fd in (self._lifeline_read, self._lifeline_write):
+                stack.callback(os.close, fd)
+            self.engine = CopyBeforeWrite(self.source)
+            try:
+                previous = self.state.load()
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            async with trio.open_nursery() as handlers:  # the commands being answered
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        await self._serve(nursery, handlers, previous)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._end_snapshots()
+                        nursery.cancel_scope.cancel()
+                # the answers still being sent get a moment, no more
+                handlers.cancel_scope.deadline = trio.current_time() + HANDLER_GRACE
+            self.source.flush()
+        if not self.snapshots:
+            self.state.remove()
+
+    async def _serve(self, nursery: trio.Nursery, handlers: trio.Nursery,
+                     previous: dict | None) -> None:
+        cfg = self.cfg
+        await nursery.start(serve_control, self.instance, self, handlers)
+        warnings = await self._bring_back(previous)
+        if cfg.snapshot is not None:
+            await self.take(cfg.snapshot)
+        try:
+            pyfuse3.init(LiveOperations(cfg.name, self.engine), cfg.live,
+                         mount_options(self.instance))
+        except RuntimeError:
+            raise UserError(f"{cfg.live}: cannot mount the live disk there") from None
+        try:
+            nursery.start_soon(self._stop_on_signal)
+            nursery.start_soon(self._terminate_when_stop_requested)
+            self.readiness.ready(warnings=warnings)
+            log.info("serving %s (live)", os.path.join(cfg.live, cfg.name))
+            await pyfuse3.main()
+            log.info("the live mount is gone: stopping")
+        finally:
+            self.stopping = True
+            with trio.CancelScope(shield=True):
+                await self._end_snapshots()
+            pyfuse3.close(unmount=True)
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("stopping: signal %s", signal.Signals(signum).name)
+                self.forced = True
+                self._stop_requested.set()
+
+    async def _terminate_when_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+        pyfuse3.terminate()
+
+    # --- snapshots ------------------------------------------------------
+
+    def find(self, mountpoint: str) -> Snapshot:
+        for snapshot in self.snapshots:
+            if snapshot.request.snapshot == mountpoint:
+                return snapshot
+        raise UserError(f"{mountpoint}: not a snapshot of {self.cfg.live}")
+
+    async def take(self, request: SnapshotRequest) -> Snapshot:
+        """Take a snapshot now; returns once its mount serves it."""
+        if self.stopping:
+            raise UserError(f"{self.cfg.live} is being unmounted")
+        if len(self.snapshots) >= MAX_SNAPSHOTS:
+            raise UserError(f"{self.cfg.live} has {MAX_SNAPSHOTS} snapshots already")
+        for other in self.snapshots:
+            if other.request.snapshot == request.snapshot:
+                raise UserError(f"{request.snapshot}: already a snapshot of {self.cfg.live}")
+        if mounts.find_mount(request.snapshot) is not None:
+            raise UserError(f"SNAPSHOT {request.snapshot}: busy, something is mounted there")
+        snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name, self.instance)
+        await trio.to_thread.run_sync(snapshot.create)
+        # The point in time: no checkpoint between the last write that
+        # returned and here (writes run in this thread and never await after
+        # their last look at the stores).
+        snapshot.begin(self.engine)
+        await self._start(snapshot)
+        log.info("snapshot %s taken: target %s, sync %s", snapshot.file, request.target,
+                 request.sync)
+        return snapshot
+
+    async def _start(self, snapshot: Snapshot) -> None:
+        self.snapshots.append(snapshot)
+        try:
+            await self._nursery.start(snapshot.run, self.engine, self._lifeline_read,
+                                      lambda: self._ended(snapshot))
+        except BaseException:
+            if snapshot in self.snapshots:
+                self.snapshots.remove(snapshot)
+            raise
+        self._save_state()
+
+    def _ended(self, snapshot: Snapshot) -> None:
+        if snapshot in self.snapshots:
+            self.snapshots.remove(snapshot)
+            self._save_state()
+
+    async def release(self, mountpoint: str, lazy: bool = False) -> None:
+        snapshot = self.find(mountpoint)
+        if snapshot.failure is not None:  # never brought back: nothing runs
+            self.snapshots.remove(snapshot)
+            self._save_state()
+            return
+        await snapshot.release(lazy)
+
+    async def umount(self, lazy: bool) -> None:
+        """Release every snapshot, then unmount the live disk; refused,
+        changing nothing, while any of them is in use (unless `lazy`)."""
+        live = self.cfg.live
+        if not lazy:
+            for point in [live] + [s.request.snapshot for s in self.snapshots
+                                   if s.failure is None]:
+                held = await trio.to_thread.run_sync(mounts.holders, point)
+                if held:
+                    raise UserError(f"{point} is busy, in use by {', '.join(held)}; "
+                                    "nothing unmounted")
+        self.stopping = True
+        try:
+            for snapshot in list(self.snapshots):
+                await self.release(snapshot.request.snapshot, lazy)
+            if lazy:
+                await trio.to_thread.run_sync(mounts.lazy_unmount, live)
+                return
+            why = await trio.to_thread.run_sync(mounts.unmount, live)
+        except BaseException:
+            self.stopping = False
+            raise
+        if why is not None:
+            self.stopping = False
+            held = await trio.to_thread.run_sync(mounts.holders, live)
+            raise UserError(f"{live}: {why}" + (f", in use by {', '.join(held)}" if held else "")
+                            + "; its snapshots were released")
+
+    async def _end_snapshots(self) -> None:
+        """At the stop: end every snapshot (see the module's docstring)."""
+        self.stopping = True
+        for snapshot in list(self.snapshots):
+            if snapshot.failure is not None:
+                continue
+            if self.forced:
+                await snapshot.kill()
+            else:
+                try:
+                    await snapshot.release()
+                except UserError as e:  # in use: detach, end when let go
+                    log.warning("%s; detaching it, it ends when its last user lets go", e)
+                    await snapshot.release(lazy=True)
+            await snapshot.ended.wait()
+
+    # --- after a crash --------------------------------------------------
+
+    async def _bring_back(self, previous: dict | None) -> list[str]:
+        """Bring back the snapshots the last daemon left active; returns one
+        line for each that could not be."""
+        if not previous:
+            return []
+        warnings = []
+        for saved in previous.get("snapshots", []):
+            request = SnapshotRequest.from_dict(saved["request"])
+            snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name,
+                                self.instance)
+            try:
+                self._clear_dead_mount(request.snapshot, previous.get("instance"))
+                await trio.to_thread.run_sync(snapshot.reopen, saved)
+                snapshot.begin(self.engine)
+                await self._start(snapshot)
+                log.info("snapshot %s brought back", snapshot.file)
+            except UserError as e:
+                snapshot.discard()
+                snapshot.failure = f"not brought back after the daemon died: {e}"
+                snapshot.saved_entry = saved
+                self.snapshots.append(snapshot)
+                warnings.append(f"snapshot {request.snapshot} {snapshot.failure}")
+                log.error("snapshot %s %s", request.snapshot, snapshot.failure)
+        self._save_state()
+        return warnings
+
+    @staticmethod
+    def _clear_dead_mount(point: str, instance: str | None) -> None:
+        mount = mounts.find_mount(point)
+        if mount is None:
+            return
+        if instance and mount.source == fsname(instance):
+            mounts.lazy_unmount(point)  # what the dead instance left
+        else:
+            raise UserError(f"{point}: something else is mounted there")
+
+    def _save_state(self) -> None:
+        entries = []
+        for snapshot in self.snapshots:
+            if snapshot.failure is not None:
+                entries.append(snapshot.saved_entry)
+            elif snapshot.job is not None:
+                entries.append(snapshot.saved())
+        self.state.save({"instance": self.instance, "source": identity(self.source.stat()),
+                         "live": self.cfg.live, "pid": os.getpid(), "snapshots": entries})
+
+    # --- what the control socket answers ---------------------------------
+
+    def status(self) -> dict:
+        cfg = self.cfg
+        return {
+            "source": cfg.source,
+            "format": cfg.format,
+            "size": self.source.size,
+            "live": os.path.join(cfg.live, cfg.name),
+            "live_dir": cfg.live,
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "state_dir": self.state.dir,
+            "snapshots": [s.status() for s in self.snapshots],
+        }
