@@ -34,9 +34,9 @@ protecting it is released, so memory never holds metadata the file lacks.
 Host clusters are only ever allocated at the end of the file, never reused:
 refcount-0 clusters inside the file (freed clusters) stay free and their space
 is given back with `fallocate(PUNCH_HOLE)`. Allocation takes clusters from a
-*reserved pool*: a run of clusters past the end of the file whose refcounts
+*reserved pool*: runs of clusters past the end of the file whose refcounts
 have already been raised to 1 (and the file extended over them) and made
-durable with one `fdatasync`. The pool grows geometrically (from 8 MiB, by
+durable with `fdatasync`. The pool grows geometrically (from 8 MiB, by
 doubling, up to 128 MiB or 65536 clusters) so that the fsync is rare; `close`
 frees what is left of it and truncates the file after its last cluster in
 use.
@@ -106,13 +106,53 @@ L2 tables and never reusing host clusters.
 
 Threads
 -------
-One `threading.Lock` protects the metadata. Reads and writes of clusters that
-are already allocated (refcount 1, COPIED) do their data I/O outside the lock;
-allocating writes, copy-on-write, zeroing, compressed-cluster reads (whose
-host clusters can be freed by a concurrent rewrite of a neighbouring part) run
-under it. Callers must use distinct byte ranges concurrently (as snapfs does);
-two writers into different parts of the same cluster are serialised by the
-lock whenever the cluster needs allocating.
+One `threading.Lock` protects the metadata (with a `Condition` on it for
+threads that wait for another's pool refill or first-write preparation).
+Reads and writes of clusters that are already allocated (refcount 1, COPIED)
+do their data I/O outside the lock; allocating writes, copy-on-write,
+zeroing, compressed-cluster reads (whose host clusters can be freed by a
+concurrent rewrite of a neighbouring part) run under it. Callers must use
+distinct byte ranges concurrently (as snapfs does); two writers into
+different parts of the same cluster are serialised by the lock whenever the
+cluster needs allocating.
+
+No lock is held while the file is synced: `flush` (a guest's fsync), a pool
+refill and the first write's header rewrite release the lock around their
+`fdatasync` (`_sync_unlocked`), so other requests go on meanwhile. The
+ordering rules above still hold, because a sync only has to cover writes
+that completed before it started, and each rule is kept by what is done
+under the lock before and after the sync:
+
+- Frees (rule 4): `flush` and `close` take the queued frees under the lock,
+  sync without it, then lower those refcounts under it. A free is queued only
+  after the write that dropped the reference has completed, so the sync
+  covers that write; frees queued during the sync wait for the next flush.
+- The pool (rule 1): a refill, under the lock, writes the new refcount blocks
+  (and table) and raises the refcounts of a run of clusters past the end of
+  the file (no second refill starts meanwhile, so nothing else takes the
+  run); it syncs without the lock; under the lock it points the refcount table (or
+  the header) at the new blocks (or table), and syncs again without it; only
+  then, under the lock, does the run join the pool. Allocation takes
+  clusters from the pool alone, so no table ever points to a cluster whose
+  refcount raise is not yet durable: a writer that finds the pool too small
+  while a refill is in progress waits for it (`_refilling`) rather than
+  taking from the run being refilled or starting a second refill. Writers
+  that the pool already covers do not wait.
+- Only the refilling thread changes the refcount table, the frontier and the
+  file's size while it syncs, so what it computed before a sync still holds
+  after it. Other threads' refcount changes (frees) go into the same cached
+  refcount blocks, written through under the lock, so they and the refill's
+  raises never undo each other.
+- A writer makes sure the pool holds enough for an L2 table's worth of its
+  write (`_ensure_pool`, which may wait or release the lock) before it looks
+  that L2 table up, and then allocates and writes its data and L2 entries
+  without releasing the lock. So no writer acts on a mapping read before a
+  sync, and two writers into one unallocated cluster never both allocate it.
+- The first write's header rewrite (dropping bitmaps, clearing autoclear
+  bits) is synced before any guest data changes: other writers wait for it
+  (`_starting`); readers do not.
+- `close` (which must not run concurrently with other calls anyway) waits
+  for refills, first-write preparations and syncs in progress.
 """
 
 from __future__ import annotations
@@ -399,6 +439,9 @@ class Qcow2Image(Image):
         self.writable = writable
         self.backing = None
         self._lock = threading.Lock()
+        # waits (releasing the lock) for a pool refill or the first write's
+        # header rewrite that another thread is syncing
+        self._cond = threading.Condition(self._lock)
         st = os.fstat(fd)
         seen.add((st.st_dev, st.st_ino))
         # a read-only top image may be written meanwhile by another process
@@ -593,8 +636,14 @@ class Qcow2Image(Image):
         self._l2_cache = _LRU(max(8, L2_CACHE_BYTES // cs))
         self._rb_cache = _LRU(max(8, RB_CACHE_BYTES // cs))
         self._write_started = False
+        self._starting = False          # a thread is preparing the first write
+        self._header_unsynced = False   # the first write's header rewrite needs a sync
         self._pending_frees: Counter = Counter()
-        self._pool_next = self._pool_end = 0
+        self._pool: list[list[int]] = []    # [next, end) cluster runs, durable refcount 1
+        self._pool_count = 0
+        self._refilling = False         # a thread is refilling the pool
+        self._syncs = 0                 # threads syncing without the lock
+        self._grown = False             # the file was extended by this instance
         self._pool_chunk = max(1, min(POOL_MAX_CLUSTERS, POOL_FIRST_BYTES // cs))
         self._frontier = -(-file_size // cs)
         self._file_end = file_size     # known to be at most the file's size (it only grows)
@@ -690,6 +739,21 @@ class Qcow2Image(Image):
     # metadata access (all under self._lock)
     # ------------------------------------------------------------------
 
+    def _sync_unlocked(self) -> None:
+        """fdatasync the file with the metadata lock released (the caller
+        holds it, and has it again when this returns or raises): no request
+        waits for the disk because another one syncs. Whatever the caller
+        read under the lock before may have changed when this returns."""
+        self._syncs += 1
+        self._lock.release()
+        try:
+            os.fdatasync(self.fd)
+        finally:
+            self._lock.acquire()
+            self._syncs -= 1
+            if not self._syncs:
+                self._cond.notify_all()
+
     def _corrupt(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{self.path}: corrupt qcow2 image: {what}")
 
@@ -764,12 +828,16 @@ class Qcow2Image(Image):
         table is dropped from the cache and nothing is freed: a leak at
         worst, never a freed cluster that an entry may point to."""
         lo, hi = changes[0][0], changes[-1][0] + 1
-        new = table[lo:hi]
-        for i, e in changes:
-            new[i - lo] = e
+        if hi - lo == 1:     # the common case, cheaper
+            raw = changes[0][1].to_bytes(8, "big")
+        else:
+            new = table[lo:hi]
+            for i, e in changes:
+                new[i - lo] = e
+            raw = _be_bytes(new)
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
         try:
-            _pwrite(self.fd, _be_bytes(new), offset + lo * 8)
+            _pwrite(self.fd, raw, offset + lo * 8)
         except OSError:
             raw = self._on_disk(offset + lo * 8, (hi - lo) * 8)
             if raw is None:
@@ -784,8 +852,9 @@ class Qcow2Image(Image):
             table[lo:hi] = found
             raise
         for i, e in changes:
-            self._drop_reference(table[i], e)
-        table[lo:hi] = new
+            if table[i]:
+                self._drop_reference(table[i], e)
+            table[i] = e
 
     def _map(self, offset: int, length: int) -> list:
         """The guest range as runs [kind, start, end, host offset, L2 entry].
@@ -959,35 +1028,56 @@ class Qcow2Image(Image):
 
     # --- allocation -----------------------------------------------------
 
+    def _ensure_pool(self, count: int) -> None:
+        """Make the pool hold at least `count` clusters, refilling it (or
+        waiting for the thread that is refilling it) if it does not. May
+        release the lock while a refill syncs: call it before reading the
+        metadata the allocation depends on."""
+        while self._pool_count < count:
+            if self._refilling:
+                self._cond.wait()
+            else:
+                self._refill_pool(count - self._pool_count)
+
     def _alloc(self, count: int) -> list[tuple[int, int]]:
-        """Take `count` fresh (all-zero, refcount 1) clusters from the pool:
-        a list of (first cluster, number of clusters)."""
-        out = []
+        """Take `count` fresh (all-zero, durable refcount 1) clusters from the
+        pool, which `_ensure_pool` made big enough: a list of (first cluster,
+        number of clusters)."""
+        if count > self._pool_count:
+            raise RuntimeError("qcow2: allocation from a pool that was not ensured")
+        out: list = []
         while count:
-            if self._pool_next >= self._pool_end:
-                try:
-                    self._reserve(count)
-                except BaseException:
-                    for first, n in out:     # taken, but nothing will point to them
-                        self._discard(range(first, first + n))
-                    raise
-            take = min(count, self._pool_end - self._pool_next)
-            if out and out[-1][0] + out[-1][1] == self._pool_next:
+            run = self._pool[0]
+            take = min(count, run[1] - run[0])
+            if out and out[-1][0] + out[-1][1] == run[0]:
                 out[-1] = (out[-1][0], out[-1][1] + take)
             else:
-                out.append((self._pool_next, take))
-            self._pool_next += take
+                out.append((run[0], take))
+            run[0] += take
+            if run[0] == run[1]:
+                del self._pool[0]
+            self._pool_count -= take
             count -= take
         return out
 
-    def _reserve(self, count: int) -> None:
-        """Refill the pool with at least `count` clusters past the end of the
-        file, creating refcount blocks and growing the refcount table as
-        needed; durable before it returns.
+    def _refill_pool(self, count: int) -> None:
+        """Add a run of at least `count` clusters past the end of the file to
+        the pool, creating refcount blocks and growing the refcount table as
+        needed; durable before the clusters join the pool.
 
-        If it fails (ENOSPC, EIO), the pool is unchanged and every cluster
-        whose refcount was raised and that nothing points to is queued for
-        freeing: the image stays consistent and leaks nothing."""
+        One thread refills at a time (`_refilling`); the lock is released
+        while it syncs (see "Threads" in the module docstring for why that is
+        safe). If it fails (ENOSPC, EIO), the pool is unchanged and every
+        cluster whose refcount was raised and that nothing points to is
+        queued for freeing: the image stays consistent and leaks nothing."""
+        self._refilling = True
+        try:
+            self._refill_pool_locked(count)
+        finally:
+            self._refilling = False
+            self._cond.notify_all()
+
+    def _refill_pool_locked(self, count: int) -> None:
         cs = self.cluster_size
         E = self._rb_entries
         want = max(count, self._pool_chunk)
@@ -1021,6 +1111,7 @@ class Qcow2Image(Image):
         block_host = {b: (blocks_at + i) * cs for i, b in enumerate(missing)}
         new_blocks = {}
         raised = False
+        size_before = os.fstat(self.fd).st_size
         try:
             # 1. new metadata past the end of the file, which nothing points
             #    to yet: new refcount blocks (counting the clusters of the
@@ -1058,7 +1149,7 @@ class Qcow2Image(Image):
                         block[x:y] = raw
                     raise
                 block[x:y] = new[x:y]
-            os.fdatasync(self.fd)
+            self._sync_unlocked()
 
             # 3. point the refcount table (or the header) at what was written
             if new_table:
@@ -1073,7 +1164,7 @@ class Qcow2Image(Image):
                         self._use_reftable(reftable, table_at * cs, new_table, new_blocks)
                     raise
                 self._use_reftable(reftable, table_at * cs, new_table, new_blocks)
-                os.fdatasync(self.fd)
+                self._sync_unlocked()
             elif missing:
                 lo, hi = min(missing), max(missing) + 1
                 entries = self.reftable[lo:hi]
@@ -1090,17 +1181,31 @@ class Qcow2Image(Image):
                     self._link_blocks(lo, entries, new_blocks)
                     raise
                 self._link_blocks(lo, entries, new_blocks)
-                os.fdatasync(self.fd)
+                self._sync_unlocked()
         except BaseException:
             if raised is None:
                 self._frontier = end           # the region's state is unknown: leak it
+                self._grown = True
             elif raised or any(self.reftable[b] & REFT_OFFSET_MASK for b in missing
                                if b < len(self.reftable)):
                 self._abandon(first, end)
                 self._frontier = end
+                self._grown = True
+            else:
+                # nothing points into the region and no refcount counts it:
+                # cut off what was written there, so that it is zeroes again
+                # when the next refill takes it
+                try:
+                    if os.fstat(self.fd).st_size > size_before:
+                        os.ftruncate(self.fd, size_before)
+                except OSError:
+                    self._frontier = end
+                    self._grown = True
             raise
-        self._pool_next, self._pool_end = pool_at, end
+        self._pool.append([pool_at, end])
+        self._pool_count += end - pool_at
         self._frontier = end
+        self._grown = True
         self._pool_chunk = min(self._pool_chunk * 2, max(1, POOL_MAX_BYTES // cs),
                                POOL_MAX_CLUSTERS)
 
@@ -1204,12 +1309,19 @@ class Qcow2Image(Image):
 
     def _apply_frees(self) -> None:
         """Lower the refcounts of dropped clusters, now that the tables that
-        dropped them are durable. What fails stays queued."""
+        dropped them are durable: the frees queued so far are taken, the file
+        is synced (without the lock), then they are applied. What fails stays
+        queued."""
         if not self._pending_frees:
             return
-        os.fdatasync(self.fd)
-        deltas = {c: -n for c, n in self._pending_frees.items()}
-        self._pending_frees.clear()
+        frees = self._pending_frees
+        self._pending_frees = Counter()
+        try:
+            self._sync_unlocked()
+        except BaseException:
+            self._pending_frees.update(frees)
+            raise
+        deltas = {c: -n for c, n in frees.items()}
         try:
             self._punch_clusters(self._rc_change(deltas))
         finally:
@@ -1217,14 +1329,28 @@ class Qcow2Image(Image):
                 self._pending_frees[c] -= delta
 
     def _start_writing(self) -> None:
-        if self._write_started:
-            return
-        if not self.writable:
-            raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
-        if self.version >= 3 and (self.autoclear or
-                                  any(t == EXT_BITMAPS for t, _ in self._extensions)):
-            self._drop_bitmaps()
-        self._write_started = True
+        """Before the first write: drop persistent bitmaps and clear the
+        autoclear bits, durably, before any guest data changes. Other writers
+        wait meanwhile; the lock is released while the header is synced."""
+        while not self._write_started:
+            if not self.writable:
+                raise OSError(errno.EBADF, f"{self.path}: image is open read-only")
+            if self._starting:
+                self._cond.wait()
+                continue
+            self._starting = True
+            try:
+                if self.version >= 3 and (self.autoclear or
+                                          any(t == EXT_BITMAPS for t, _ in self._extensions)):
+                    self._drop_bitmaps()
+                    self._header_unsynced = True
+                if self._header_unsynced:
+                    self._sync_unlocked()
+                    self._header_unsynced = False
+                self._write_started = True
+            finally:
+                self._starting = False
+                self._cond.notify_all()
 
     def _drop_bitmaps(self) -> None:
         """Before the first write: clear the autoclear bits (the spec demands
@@ -1248,7 +1374,8 @@ class Qcow2Image(Image):
             if self._refcount(c) < n:
                 raise self._corrupt(f"cluster {c} of a persistent bitmap has refcount "
                                     f"{self._refcount(c)}, below its {n} reference(s)")
-        # 1. the header: no autoclear bits, no bitmaps extension
+        # 1. the header: no autoclear bits, no bitmaps extension (synced by
+        #    the caller before any guest data changes)
         exts = bytearray()
         for ext_type, data in kept:
             exts += struct.pack(">II", ext_type, len(data)) + data + bytes(-len(data) % 8)
@@ -1256,7 +1383,6 @@ class Qcow2Image(Image):
         head = bytearray(_pread_exact(self.fd, self._header_length - 88, 88))
         head[0:8] = bytes(8)
         _pwrite(self.fd, head + exts, 88)
-        os.fdatasync(self.fd)
         self.autoclear = 0
         self._extensions = kept
         # 2. then the clusters the bitmaps used: freed after the next sync
@@ -1471,7 +1597,8 @@ class Qcow2Image(Image):
         return buf
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
-        """A write that may need allocation or copy-on-write (under the lock)."""
+        """A write that may need allocation or copy-on-write (under the lock,
+        which a pool refill may release between L2 tables)."""
         bits = self.cluster_bits
         cs = self.cluster_size
         l2_bits = self.l2_bits
@@ -1482,6 +1609,9 @@ class Qcow2Image(Image):
         while c <= last:
             l1_index = c >> l2_bits
             seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
+            # enough clusters for every cluster and the L2 table, before the
+            # table is looked at (this may release the lock)
+            self._ensure_pool(seg_last - c + 1 + (not self.l1[l1_index] & L1E_OFFSET_MASK))
             table = self._l2_for_write(l1_index)
             base = l1_index << l2_bits
 
@@ -1619,10 +1749,12 @@ class Qcow2Image(Image):
             l1_index = c >> l2_bits
             seg_last = min(last, ((l1_index + 1) << l2_bits) - 1)
             base = l1_index << l2_bits
+            if not self.l1[l1_index] & L1E_OFFSET_MASK:
+                if c >= backing_clusters:
+                    c = seg_last + 1      # unallocated and nothing below: reads as zeroes
+                    continue
+                self._ensure_pool(1)      # for the L2 table (may release the lock)
             table = self._l2_table(l1_index)
-            if table is None and c >= backing_clusters:
-                c = seg_last + 1      # unallocated and nothing below: reads as zeroes
-                continue
             changes = []         # (index in the table, new entry)
             punch = []
             for cc in range(c, seg_last + 1):
@@ -1649,18 +1781,18 @@ class Qcow2Image(Image):
         where the backing chain or shared data would show through."""
         bits = self.cluster_bits
         cs = self.cluster_size
-        runs = self._map(first << bits, min((last + 1) << bits, self.size) - (first << bits))
-        for kind, start, stop, host, e in runs:
+        step = max(cs, (4 << 20) // cs * cs)
+        pos, end = first << bits, min((last + 1) << bits, self.size)
+        while pos < end:
+            # one run at a time, looked up again after each write (which may
+            # release the lock to refill the pool)
+            kind, start, stop, host, e = self._map(pos, min(step, end - pos))[0]
             if kind == DATA and e & OFLAG_COPIED:
                 if not punch_hole(self.fd, host, stop - start):
                     _pwrite(self.fd, bytes(stop - start), host)
-            elif kind == UNALLOC and (self.backing is None or start >= self.backing_size):
-                continue
-            else:
-                step = max(cs, (4 << 20) // cs * cs)
-                zeroes = memoryview(bytes(min(step, stop - start)))
-                for pos in range(start, stop, step):
-                    self._write_locked(pos, zeroes[:min(stop, pos + step) - pos])
+            elif kind != UNALLOC or (self.backing is not None and start < self.backing_size):
+                self._write_locked(start, memoryview(bytes(stop - start)))
+            pos = stop
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         end = min(offset + length, self.size)
@@ -1723,23 +1855,26 @@ class Qcow2Image(Image):
             if self.fd < 0:
                 return
             self._apply_frees()     # syncs first if it has anything to do
-            os.fdatasync(self.fd)
+            self._sync_unlocked()
 
     def close(self) -> None:
         with self._lock:
             if self.fd < 0:
                 return
+            while self._refilling or self._starting or self._syncs:
+                self._cond.wait()
             try:
                 if self.writable and self._write_started:
                     # give the unused pool back (nothing points to it) and cut
                     # the free clusters off the end of the file
-                    refilled = self._pool_end
-                    self._discard(range(self._pool_next, self._pool_end))
-                    self._pool_next = self._pool_end = 0
+                    for first, end in self._pool:
+                        self._discard(range(first, end))
+                    self._pool.clear()
+                    self._pool_count = 0
                     self._apply_frees()
-                    if refilled:
+                    if self._grown:
                         self._trim_tail()
-                    os.fdatasync(self.fd)
+                    self._sync_unlocked()
             finally:
                 os.close(self.fd)
                 self.fd = -1
