@@ -331,11 +331,21 @@ class Qcow2Image(Image):
     # ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, writable: bool = False) -> "Qcow2Image":
-        """Open an existing qcow2 image (and its backing chain, read-only)."""
+    def open(cls, path: str, writable: bool = False, backing_dir: str | None = None,
+             with_backing: bool = True) -> "Qcow2Image":
+        """Open an existing qcow2 image (and its backing chain, read-only).
+
+        A relative backing file name is found in `backing_dir` (by default
+        the directory of `path`: give it when `path` is not where the image
+        lives, e.g. /proc/self/fd/N). Without `with_backing` the image is
+        opened alone, read-only: reading a part that it does not hold and
+        that would come from its backing file fails with EIO (for a reader
+        that never reads those)."""
+        if writable and not with_backing:
+            raise ValueError("a qcow2 image is only writable with its backing chain")
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
-            return cls._from_fd(path, fd, writable, 0, set())
+            return cls._from_fd(path, fd, writable, 0, set(), backing_dir, with_backing)
         except BaseException:
             os.close(fd)
             raise
@@ -431,13 +441,14 @@ class Qcow2Image(Image):
             raise
 
     @classmethod
-    def _from_fd(cls, path: str, fd: int, writable: bool, depth: int,
-                 seen: set) -> "Qcow2Image":
+    def _from_fd(cls, path: str, fd: int, writable: bool, depth: int, seen: set,
+                 backing_dir: str | None = None, with_backing: bool = True) -> "Qcow2Image":
         self = cls.__new__(cls)
         self.path = path
         self.fd = fd
         self.writable = writable
         self.backing = None
+        self._backing_missing = False   # it has a backing file, deliberately not opened
         self._lock = threading.Lock()
         # waits (releasing the lock) for a pool refill or the first write's
         # header rewrite that another thread is syncing
@@ -452,7 +463,11 @@ class Qcow2Image(Image):
             self._read_header(file_size)
             if writable:
                 self._load_refcount_table()
-            self._open_backing(depth, seen)
+            if with_backing:
+                self._open_backing(depth, seen, backing_dir)
+            else:
+                self.backing_size = 0
+                self._backing_missing = self._backing_name is not None
         except BaseException:
             if self.backing is not None:
                 self.backing.close()
@@ -678,7 +693,7 @@ class Qcow2Image(Image):
         self._rb_entries = cs * 8 >> self.refcount_order
         self._rc_max = (1 << (1 << self.refcount_order)) - 1
 
-    def _open_backing(self, depth: int, seen: set) -> None:
+    def _open_backing(self, depth: int, seen: set, backing_dir: str | None = None) -> None:
         name = self._backing_name
         if name is None:
             self.backing_size = 0
@@ -696,7 +711,8 @@ class Qcow2Image(Image):
             raise self._refuse(f"the backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         path = os.fsdecode(name)
         if not os.path.isabs(path):
-            path = os.path.join(os.path.dirname(self.path), path)
+            path = os.path.join(backing_dir if backing_dir is not None
+                                else os.path.dirname(self.path), path)
         try:
             # (O_NONBLOCK: a name that leads to a FIFO must not hang the open)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1483,6 +1499,9 @@ class Qcow2Image(Image):
     def _read_backing_into(self, view: memoryview, start: int, stop: int) -> None:
         """Guest bytes [start, stop) of the backing chain into view[:stop-start],
         zeroes where the chain does not reach."""
+        if self._backing_missing:
+            raise OSError(errno.EIO, f"{self.path}: guest bytes {start}-{stop} come from the "
+                          "backing file, which was not opened")
         end = min(stop, self.backing_size) if self.backing is not None else start
         if start < end:
             part = view[:end - start]
