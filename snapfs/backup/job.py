@@ -56,6 +56,8 @@ class BackupJob:
         self.state = "running"
         self.error: str | None = None
         self.bytes_done = 0
+        #: what the job copied itself (the rest of bytes_done it found copied)
+        self.bytes_copied = 0
         if speed:
             chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
         self._max_clusters = max(1, chunk_bytes // store.cluster_size)
@@ -172,7 +174,9 @@ class BackupJob:
                 copied = True
             finally:
                 store.release(claim, copied=copied)
-            self.bytes_done += self._run_bytes(claim.first, claim.end)
+            done = self._run_bytes(claim.first, claim.end)
+            self.bytes_done += done
+            self.bytes_copied += done
 
     async def _claim_next(self):
         """Claim the next run to copy, after waiting for its turn under the

@@ -278,7 +278,7 @@ class LiveDaemon:
                 entries.append(snapshot.saved_entry)
             elif snapshot.job is not None:
                 entries.append(snapshot.saved())
-        self.state.save({"instance": self.instance, "source": identity(self.source.stat()),
+        self.state.save({"instance": self.instance, "source": identity(self.source.fd),
                          "live": self.cfg.live, "pid": os.getpid(), "snapshots": entries})
 
     # --- what the control socket answers ---------------------------------

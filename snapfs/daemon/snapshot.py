@@ -37,7 +37,7 @@ from snapfs.backup.copymap import CopyMap
 from snapfs.backup.job import BackupJob
 from snapfs.backup.store import Store
 from snapfs.backup.target import create_target
-from snapfs.daemon.state import boot_id, identity
+from snapfs.daemon.state import boot_id, identity, identity_of
 from snapfs.errors import UserError
 from snapfs.image import open_image
 from snapfs.image.base import Image
@@ -121,16 +121,16 @@ class Snapshot:
         if saved.get("boot_id") != boot_id():
             raise UserError("the machine restarted since the daemon died: writes that "
                             "reached SOURCE may have lost the old data they replaced")
-        if saved.get("source") != identity(self.source.stat()):
+        if saved.get("source") != identity(self.source.fd):
             raise UserError("SOURCE is not the file the snapshot was taken of")
         files = []
         for path, what, key in ((req.target, "target", "target_id"),
                                 (copymap_path(req.target), "copy map", "copymap_id")):
             try:
-                st = os.stat(path)
+                found = identity_of(path)
             except OSError as e:
                 raise UserError(f"{what} {path}: {e.strerror}") from None
-            if identity(st) != saved.get(key):
+            if found != saved.get(key):
                 raise UserError(f"{what} {path} was replaced since the snapshot was taken")
             files.append(path)
         for path, what in zip(files, ("target", "copy map")):
@@ -165,9 +165,9 @@ class Snapshot:
         """What the state file keeps of this snapshot, to bring it back."""
         store = self.store
         return {"request": self.request.to_dict(), "boot_id": boot_id(),
-                "source": identity(self.source.stat()),
-                "target_id": identity(store.target.stat()),
-                "copymap_id": identity(os.fstat(store.copymap.fd)),
+                "source": identity(self.source.fd),
+                "target_id": identity(store.target.fd),
+                "copymap_id": identity(store.copymap.fd),
                 "created": self.created, "times": _stat_to(self.times)}
 
     # --- the point in time ----------------------------------------------
@@ -329,6 +329,7 @@ class Snapshot:
             "sync": req.sync,
             "bytes_total": job.bytes_total if job else 0,
             "bytes_done": job.bytes_done if job else 0,
+            "bytes_copied": job.bytes_copied if job else 0,
             "clusters_copied_by_writes": store.clusters_copied_by_writes if store else 0,
             "target": req.target,
             "target_format": self.target_format,

@@ -11,6 +11,8 @@ it stays for the next mount.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import shutil
@@ -29,9 +31,29 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def identity(st: os.stat_result) -> list[int]:
-    """What tells a file from another one put at its path."""
-    return [st.st_dev, st.st_ino]
+#: ioctl FS_IOC_GETVERSION: the inode's generation number
+_FS_IOC_GETVERSION = 0x80087601
+
+
+def identity(fd: int) -> list[int]:
+    """What tells a file from another one put at its path: device, inode and,
+    where the file system keeps one, the inode's generation (ext4 and XFS give
+    a reused inode number a new generation)."""
+    st = os.fstat(fd)
+    generation = array.array("l", [-1])
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETVERSION, generation, True)
+    except OSError:
+        generation[0] = -1
+    return [st.st_dev, st.st_ino, generation[0]]
+
+
+def identity_of(path: str) -> list[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        return identity(fd)
+    finally:
+        os.close(fd)
 
 
 class LiveState:
