@@ -225,7 +225,7 @@ class LiveDaemon:
                 continue
             if self.forced:
                 await snapshot.kill()
-            else:
+            elif not snapshot.releasing:
                 try:
                     await snapshot.release()
                 except UserError as e:  # in use: detach, end when let go

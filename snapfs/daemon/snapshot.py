@@ -243,6 +243,10 @@ class Snapshot:
         """Unmount the snapshot (refused while busy, unless `lazy`); it ends
         when its process has gone (with `lazy`, when its last user let go)."""
         point = self.request.snapshot
+        if self.releasing:  # detached already: it ends when let go
+            if not lazy:
+                await self.ended.wait()
+            return
         if self.process is None:  # never came up: nothing mounted
             self.releasing = True
             self.ended.set()
