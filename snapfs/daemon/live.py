@@ -68,6 +68,8 @@ class LiveDaemon:
         self._nursery: trio.Nursery | None = None
         self._lifeline_read, self._lifeline_write = os.pipe()
         self._stop_requested = trio.Event()
+        #: one change of the set of snapshots at a time (take, release, umount)
+        self._changing = trio.Lock()
 
     # --- the process ----------------------------------------------------
 
@@ -145,6 +147,10 @@ class LiveDaemon:
 
     async def take(self, request: SnapshotRequest) -> Snapshot:
         """Take a snapshot now; returns once its mount serves it."""
+        async with self._changing:
+            return await self._take(request)
+
+    async def _take(self, request: SnapshotRequest) -> Snapshot:
         if self.stopping:
             raise UserError(f"{self.cfg.live} is being unmounted")
         if len(self.snapshots) >= MAX_SNAPSHOTS:
@@ -182,6 +188,10 @@ class LiveDaemon:
             self._save_state()
 
     async def release(self, mountpoint: str, lazy: bool = False) -> None:
+        async with self._changing:
+            await self._release(mountpoint, lazy)
+
+    async def _release(self, mountpoint: str, lazy: bool) -> None:
         snapshot = self.find(mountpoint)
         if snapshot.failure is not None:  # never brought back: nothing runs
             self.snapshots.remove(snapshot)
@@ -192,6 +202,10 @@ class LiveDaemon:
     async def umount(self, lazy: bool) -> None:
         """Release every snapshot, then unmount the live disk; refused,
         changing nothing, while any of them is in use (unless `lazy`)."""
+        async with self._changing:
+            await self._umount(lazy)
+
+    async def _umount(self, lazy: bool) -> None:
         live = self.cfg.live
         if not lazy:
             for point in [live] + [s.request.snapshot for s in self.snapshots
@@ -203,7 +217,7 @@ class LiveDaemon:
         self.stopping = True
         try:
             for snapshot in list(self.snapshots):
-                await self.release(snapshot.request.snapshot, lazy)
+                await self._release(snapshot.request.snapshot, lazy)
             if lazy:
                 await trio.to_thread.run_sync(mounts.lazy_unmount, live)
                 return

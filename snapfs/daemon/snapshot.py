@@ -224,6 +224,9 @@ class Snapshot:
             self.process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "snapfs.daemon.snapshot_server", json.dumps(config)],
                 stdin=subprocess.DEVNULL, pass_fds=fds)
+        except BaseException:
+            os.close(ready_read)
+            raise
         finally:
             os.close(ready_write)
         why = await _read_readiness(ready_read, START_TIMEOUT)
