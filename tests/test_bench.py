@@ -3,7 +3,7 @@ anchor, measures, cleans up and writes a table with a figure for each system
 in every row. Nothing is timed: the figures of a --quick run mean nothing.
 
 It installs QEMU and fio if they are missing (through scripts/bench), then runs
-everything once on a small image: about a quarter of a minute. The other tests
+everything once on a small image: about half a minute. The other tests
 here need neither root nor QEMU: the command line's errors, and the report's
 rows built from made-up samples.
 """
@@ -24,7 +24,12 @@ BENCH_PY = os.path.join(ROOT, "scripts", "bench.py")
 
 #: the start of every row the table must have
 ROWS = [
-    "First-write sequential",
+    "First-write sequential (",
+    "First-write sequential, 1 snapshot at once",
+    "First-write sequential, 2 snapshots at once",
+    "First-write sequential, 4 snapshots at once",
+    "First-write sequential, 8 snapshots at once",
+    "First-write sequential, 8 snapshots ÷ 1 snapshot",
     "Overwrite sequential",
     "First-write 4 KiB random",
     "Overwrite 4 KiB random",
@@ -38,6 +43,7 @@ ROWS = [
     "TOP time ÷ FULL time",
     "Peak memory",
     "Start-up",
+    "Snapshot of a mounted live disk",
 ]
 
 
@@ -137,7 +143,10 @@ def test_report_rows_from_samples(benchlib):
     config = BenchConfig(size=64 * MiB, repeat=1, workdir="/nonexistent", output="/nonexistent",
                          quick=True, groups=("write",), memory_disk=1 << 40)
     results = Results()
-    for key, snapfs, qemu in [("seq_first", 400, 100), ("seq_over", 300, 200),
+    for key, snapfs, qemu in [("seq_first", 400, 100), ("seq_first_1", 400, 100),
+                              ("seq_first_2", 300, 90), ("seq_first_4", 200, 80),
+                              ("seq_first_8", 100, 50), ("take", 0.3, 0.03),
+                              ("seq_over", 300, 200),
                               ("rand_first", 1000, 1000), ("rand_over", 1, 2),
                               ("snap_seq", 900, 600), ("snap_rand", 3, 3),
                               ("full", 1.0, 4.0), ("full_sync", 1.0, 1.0),
@@ -151,15 +160,22 @@ def test_report_rows_from_samples(benchlib):
     results.sparse_allocated = 64 * MiB // 10
 
     rows = benchlib.report.build_rows(config, results)
-    assert [row["measure"] for row in rows][:2] == [
+    assert [row["measure"] for row in rows][:3] == [
         "First-write sequential (dd 1M, 32 MiB, fdatasync)",
-        "Overwrite sequential (dd 1M, 32 MiB, fdatasync)"]
+        "First-write sequential, 1 snapshot at once (dd 1M, 32 MiB, fdatasync)",
+        "First-write sequential, 2 snapshots at once (dd 1M, 32 MiB, fdatasync)"]
     assert len(rows) == len(ROWS)
     for start, row in zip(ROWS, rows):
         assert row["measure"].startswith(start), (start, row)
     by_start = dict(zip(ROWS, rows))
-    assert by_start["First-write sequential"]["versus"] == "4.00x faster"
-    assert by_start["First-write sequential"]["met"] == "met"
+    assert by_start["First-write sequential ("]["versus"] == "4.00x faster"
+    assert by_start["First-write sequential ("]["met"] == "met"
+    assert by_start["First-write sequential, 8 snapshots at once"]["versus"] == "2.00x faster"
+    assert by_start["First-write sequential, 8 snapshots at once"]["met"] == "—"
+    eight_by_one = by_start["First-write sequential, 8 snapshots ÷ 1 snapshot"]
+    assert (eight_by_one["snapfs"], eight_by_one["qemu"]) == ("0.25", "0.50")  # 100/400, 50/100
+    assert eight_by_one["versus"] == "2.00x worse"
+    assert by_start["Snapshot of a mounted live disk"]["snapfs"] == "0.30 s"
     assert by_start["Overwrite 4 KiB random"]["versus"] == "2.00x slower"
     assert by_start["Overwrite 4 KiB random"]["met"] == "**NOT met**"
     assert by_start["FULL background copy"]["versus"] == "4.00x faster"
@@ -210,3 +226,62 @@ def test_qemu_anchor_with_one_target_is_the_one_measured(benchlib, monkeypatch):
     assert "fuse,id=e1,node-name=cbw3,mountpoint=/w/qemu/live.img,writable=on" in stacked.args
     assert stacked.mountpoints == ["/w/qemu/live.img", "/w/qemu/snap.img",
                                    "/w/qemu/snap2.img", "/w/qemu/snap3.img"]
+    assert stacked.snapshot_files == stacked.mountpoints[1:]
+
+    alone = qemu_side.qemu_cbw("/w", "/w/img/disk.img", [], print)
+    assert alone.args[-2:] == ["--export",
+                               "fuse,id=e1,node-name=src,mountpoint=/w/qemu/live.img,writable=on"]
+    assert (alone.mountpoints, alone.snapshot) == (["/w/qemu/live.img"], None)
+
+
+def test_snapfs_processes_are_found_by_command_line(benchlib):
+    """The fallback that finds an instance's processes when their pids were
+    not learnt: the live process and each snapshot's process, of this work
+    directory only."""
+    from benchlib.snapfs_side import is_instance_process
+
+    base = "/var/tmp/snapfs-bench/snapfs"
+    live = ["/x/.venv/bin/python3", "-m", "snapfs.daemon",
+            '{"source": "/var/tmp/snapfs-bench/img/disk.img", '
+            '"live": "/var/tmp/snapfs-bench/snapfs/live", "format": "raw", "snapshot": null}',
+            "--ready-fd", "4", ""]
+    snapshot = ["/x/.venv/bin/python3", "-m", "snapfs.daemon.snapshot_server",
+                '{"name": "disk.img", "mountpoint": "/var/tmp/snapfs-bench/snapfs/snap3"}', ""]
+    assert is_instance_process(live, base)
+    assert is_instance_process(snapshot, base)
+    assert not is_instance_process(live, "/var/tmp/other/snapfs")
+    assert not is_instance_process(["python3", "-m", "snapfs.cli", base + "/live"], base)
+    assert not is_instance_process(["vim", base + "/live"], base)
+
+
+def test_snapfs_commands_of_an_instance(benchlib, monkeypatch, tmp_path):
+    """A live disk alone, then snapshots taken with `snapfs snapshot`, each in
+    its own directory; the snapshot's status is asked of the snapshot."""
+    from benchlib import snapfs_side
+
+    commands = []
+    monkeypatch.setattr(snapfs_side, "timed", lambda cmd, **kwargs: commands.append(cmd) or 0.5)
+    monkeypatch.setattr(snapfs_side, "descendants", lambda pid: [pid, pid + 1])
+
+    class Done:
+        stdout = '{"pid": 100, "snapshots": [{"pid": 101, "clusters_copied_by_writes": 3}]}'
+
+    monkeypatch.setattr(snapfs_side, "run", lambda cmd, **kwargs: commands.append(cmd) or Done)
+    instance = snapfs_side.SnapfsInstance(str(tmp_path), str(tmp_path / "disk.img"), print)
+    instance.mount_live()
+    instance.take_snapshot(str(tmp_path / "t1.img"), "none")
+    instance.take_snapshot(str(tmp_path / "t2.img"), "full")
+    instance.snapshot_status(1)
+    live, snapfs = str(tmp_path / "snapfs" / "live"), str(tmp_path / "snapfs")
+    assert commands == [
+        ["snapfs", "mount", str(tmp_path / "disk.img"), live],
+        ["snapfs", "status", live, "--json"],
+        ["snapfs", "snapshot", live, snapfs + "/snap", "--target", str(tmp_path / "t1.img"),
+         "--sync", "none", "--force"],
+        ["snapfs", "snapshot", live, snapfs + "/snap2", "--target", str(tmp_path / "t2.img"),
+         "--sync", "full", "--force"],
+        ["snapfs", "status", snapfs + "/snap2", "--json"],
+    ]
+    assert instance.pids == [100, 101]
+    assert instance.snapshot_seconds == [0.5, 0.5]
+    assert instance.snapshot_files == [snapfs + "/snap/disk.img", snapfs + "/snap2/disk.img"]

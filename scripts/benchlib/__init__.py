@@ -6,9 +6,10 @@ only those above it):
               page cache, files; MeasureError
 - results     samples, medians, checks, notes, failures of a run
 - workloads   dd, fio and cmp on any file: the measures' actions
-- snapfs_side snapfs mounted, asked and stopped through its command line
-- qemu_side   qemu-storage-daemon: QMP, copy-before-write + snapshot-access,
-              blockdev-backup
+- snapfs_side snapfs mounted, snapshots taken, asked and stopped through its
+              command line; its processes (the live one and each snapshot's)
+- qemu_side   qemu-storage-daemon: QMP, copy-before-write + snapshot-access
+              (stacked for several snapshots), image fleecing, blockdev-backup
 - measures    the measure groups: which workload on which system, filed under
               which key
 - harness     the run loop: repetitions, alternating systems, cleanup

@@ -43,6 +43,10 @@ class BenchConfig:
         """Bytes of random 64 KiB writes before the peak memory is read."""
         return 64 * MiB if self.quick else GiB
 
+    #: how many snapshots are active at once in the first-write rows of the
+    #: "multi" group
+    snapshot_counts = (1, 2, 4, 8)
+
     #: share of the sparse image (TOP copy) that holds data
     sparse_share = 0.10
 

@@ -17,14 +17,14 @@ from collections.abc import Iterator
 
 from benchlib.config import KiB, MiB, BenchConfig
 from benchlib.host import MeasureError, PageCache, fsync_file, log, remove, run
-from benchlib.qemu_side import qemu_backup, qemu_backup_daemon, qemu_cbw
+from benchlib.qemu_side import qemu_backup, qemu_backup_daemon, qemu_cbw, qemu_fleece
 from benchlib.results import REFERENCE, Results
 from benchlib.snapfs_side import SnapfsInstance, snapfs_python
 from benchlib.workloads import (CLUSTER, compare, copy_file, dd_read_cold, dd_write, fill_random,
                                 fio, replay_log)
 
 #: the measure groups, in the order they run in every repetition
-GROUPS = ("write", "copy", "top", "memory")
+GROUPS = ("write", "multi", "copy", "top", "memory", "take")
 
 
 class Measures:
@@ -73,11 +73,9 @@ class Measures:
     @contextlib.contextmanager
     def live_disk(self, system: str, disk: str, target_name: str) -> Iterator:
         """A live disk of `disk` and its snapshot (sync none), as `.live` and
-        `.snapshot`; the target is img/snapfs-NAME.img or img/qemu-NAME.qcow2.
-
-        For N snapshots (the first-write rows with 1, 2, 4, 8 snapshots), QEMU
-        takes N targets already (qemu_cbw stacks N filters); snapfs needs
-        `snapfs snapshot` (see benchlib.snapfs_side)."""
+        `.snapshot`, made in one go: `snapfs mount SOURCE LIVE SNAPSHOT`, or a
+        qemu-storage-daemon started with its filter. The target is
+        img/snapfs-NAME.img or img/qemu-NAME.qcow2."""
         if system == "snapfs":
             with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
                 instance.mount_with_snapshot(self.img(f"snapfs-{target_name}.img"), "none")
@@ -87,6 +85,34 @@ class Measures:
             remove(target)
             with qemu_cbw(self.workdir, disk, [target], self.results.note) as daemon:
                 yield daemon
+
+    @contextlib.contextmanager
+    def live_disk_with(self, system: str, disk: str, count: int) -> Iterator:
+        """A live disk of `disk` with `count` snapshots (sync none) active at
+        once, as `.live` and `.snapshot_files`: snapfs mounts the live disk alone
+        (`snapfs mount SOURCE LIVE`) and takes them one after the other (`snapfs
+        snapshot`); QEMU stacks `count` copy-before-write filters. The targets
+        (img/snapfs-multiI.img, img/qemu-multiI.qcow2) are removed afterwards."""
+        if system == "snapfs":
+            targets = [self.img(f"snapfs-multi{i + 1}.img") for i in range(count)]
+            try:
+                with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
+                    instance.mount_live()
+                    for target in targets:
+                        instance.take_snapshot(target, "none")
+                    for seconds in instance.snapshot_seconds:
+                        self.results.add_extra("take_multi", system, seconds)
+                    yield instance
+            finally:
+                remove(*targets, *(t + ".snapfs" for t in targets))
+        else:
+            targets = [self.img(f"qemu-multi{i + 1}.qcow2") for i in range(count)]
+            remove(*targets)
+            try:
+                with qemu_cbw(self.workdir, disk, targets, self.results.note) as daemon:
+                    yield daemon
+            finally:
+                remove(*targets)
 
     # --- the groups; each is one session of one system
 
@@ -113,7 +139,7 @@ class Measures:
                  f"--size={half}", f"--number_ios={self.config.rand_over_ios}",
                  f"--randseed={rep + 1}", "--end_fsync=1"], "write"))
             if system == "snapfs":
-                info = instance.status()
+                info = instance.snapshot_status()
                 self.results.add_extra("clusters_copied_by_writes", system,
                                        info["clusters_copied_by_writes"])
             add("snap_seq", system, dd_read_cold(snap, size))
@@ -127,13 +153,27 @@ class Measures:
     def _check_snapshot(self, snap: str, system: str, rep: int) -> None:
         """The snapshot holds the source as it was before the writes. QEMU 7.2's
         known snapshot-access bug is reported, not counted as a failure."""
-        what = f"snapshot == source before the writes (rep {rep + 1})"
-        diff = compare(snap, self.img("base.img"), block_reads=(system == "qemu"))
-        if diff is None:
-            self.results.check(what, system, "equal")
+        self._check_snapshots([snap], system, f"snapshot == source before the writes "
+                                              f"(rep {rep + 1})")
+
+    def _check_snapshots(self, snaps: list[str], system: str, what: str) -> None:
+        """Each snapshot holds the source as it was before the writes (img/base.img),
+        all compared before the verdict. A snapfs snapshot that differs fails the
+        measure; QEMU 7.2's known snapshot-access bug is reported, not counted as
+        a failure."""
+        wrong = []
+        for i, snap in enumerate(snaps):
+            diff = compare(snap, self.img("base.img"), block_reads=(system == "qemu"))
+            if diff is not None:
+                wrong.append(diff if len(snaps) == 1 else
+                             f"snapshot {i + 1} of {len(snaps)}: {diff}")
+        if not wrong:
+            self.results.check(what, system, "equal" if len(snaps) == 1 else
+                               f"equal (all {len(snaps)})")
         elif system == "qemu":
             self.results.check(what, system,
-                               f"DIFFERENT ({diff}); QEMU 7.2 snapshot-access bug, see notes")
+                               f"DIFFERENT ({'; '.join(wrong)}); QEMU 7.2 snapshot-access bug, "
+                               "see notes")
             self.results.note(
                 "QEMU's snapshot differed from the source even read with dd bs=1M (the "
                 "kernel passes smaller requests to the FUSE export): QEMU 7.2's snapshot-access "
@@ -141,8 +181,35 @@ class Measures:
                 "uncopied one (fixed in QEMU 8.0, a4d5224c2cb6): reported, not counted as a "
                 "failure")
         else:
-            self.results.check(what, system, f"DIFFERENT ({diff})")
-            raise MeasureError(f"snapfs snapshot differs from the source: {diff}")
+            self.results.check(what, system, f"DIFFERENT ({'; '.join(wrong)})")
+            raise MeasureError(f"snapfs snapshot differs from the source: {wrong[0]}")
+
+    def group_multi(self, system: str, rep: int) -> None:
+        """First-write sequential (the "write" group's dd) with 1, 2, 4 and 8
+        snapshots (sync none) active at once, each on a fresh copy of the image,
+        then every snapshot compared with the image before the writes."""
+        half = self.config.half
+        disk = self.img("disk.img")
+        for count in self.config.snapshot_counts:
+            copy_file(self.img("base.img"), disk)
+            PageCache.drop()
+            with self.live_disk_with(system, disk, count) as instance:
+                self.results.add(f"seq_first_{count}", system,
+                                 dd_write(self.img("input.bin"), instance.live, half))
+                if system == "snapfs":  # each snapshot's status, from the live disk's
+                    for info in instance.status()["snapshots"]:
+                        copied = info["clusters_copied_by_writes"]
+                        self.results.add_extra(f"clusters_copied_{count}", system, copied)
+                        if copied != half // CLUSTER:
+                            self.results.note(
+                                f"with {count} snapshots, {info['snapshot_dir']} reported "
+                                f"{copied} clusters copied by writes, not {half // CLUSTER} "
+                                f"(rep {rep + 1})")
+                self._check_snapshots(
+                    instance.snapshot_files, system,
+                    f"{count} snapshot{'s' if count > 1 else ''} at once: "
+                    f"{'each' if count > 1 else 'snapshot'} == source before the writes "
+                    f"(rep {rep + 1})")
 
     def group_copy(self, system: str, rep: int) -> None:
         """FULL background copy of the whole (random) image; the cold source dd and
@@ -182,7 +249,7 @@ class Measures:
         start = time.perf_counter()
         with SnapfsInstance(self.workdir, source, self.results.note) as instance:
             instance.mount_with_snapshot(target, sync)
-            instance.wait()
+            instance.wait()  # `snapfs wait SNAPSHOT`
             seconds = time.perf_counter() - start
             fsync_file(target)
             synced = time.perf_counter() - start
@@ -191,7 +258,7 @@ class Measures:
         self.results.add(f"{key}_sync", "snapfs", synced)
         self.results.add(f"{key}_mount", "snapfs", mount_seconds)
         self._check_target(target, source, key, "snapfs")
-        remove(target, target + ".snapfs", target + ".snapfs.log")
+        remove(target, target + ".snapfs")
 
     def _qemu_copy(self, source: str, target: str, sync: str, key: str) -> None:
         """Timed from blockdev-backup (the daemon already up) until BLOCK_JOB_COMPLETED."""
@@ -234,4 +301,27 @@ class Measures:
                  "--norandommap", f"--randseed={rep + 1}", "--end_fsync=1"], "write")
             self.results.add("memory", system, instance.peak_rss() / MiB)
         remove(disk, self.img("snapfs-huge-target.img"), self.img("snapfs-huge-target.img.snapfs"),
-               self.img("snapfs-huge-target.img.snapfs.log"), self.img("qemu-huge-target.qcow2"))
+               self.img("qemu-huge-target.qcow2"))
+
+    def group_take(self, system: str, rep: int) -> None:
+        """A snapshot taken of a live disk already mounted, on the sparse huge
+        disk: `snapfs snapshot --sync none` on a live disk from `snapfs mount
+        SOURCE LIVE`; QEMU: image fleecing on a daemon exporting the disk."""
+        disk = self.img("huge.img")
+        remove(disk)
+        with open(disk, "wb") as f:
+            f.truncate(self.config.memory_disk)
+        if system == "snapfs":
+            target = self.img("snapfs-take-target.img")
+            with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
+                instance.mount_live()
+                self.results.add("startup_live", system, instance.mount_seconds)
+                instance.take_snapshot(target, "none")
+                self.results.add("take", system, instance.snapshot_seconds[0])
+            remove(disk, target, target + ".snapfs")
+        else:
+            target = self.img("qemu-take-target.qcow2")
+            with qemu_cbw(self.workdir, disk, [], self.results.note) as daemon:
+                self.results.add("startup_live", system, daemon.ready_seconds)
+                self.results.add("take", system, qemu_fleece(daemon, disk, target))
+            remove(disk, target)

@@ -3,7 +3,11 @@
 - live disk and snapshot (qemu_cbw): a copy-before-write filter over the raw
   source with a qcow2 target (backing: the source), exported writable over
   FUSE as the live disk, and a snapshot-access node over it exported read-only
-  as the snapshot;
+  as the snapshot; with several targets, one filter per target, stacked;
+- a snapshot of a running live disk (qemu_fleece): image fleecing, as QEMU
+  7.2 takes one without a pause (it cannot insert a filter under a running
+  export): a qcow2 target backed by the source, blockdev-backup sync none into
+  it, the target exported read-only over FUSE;
 - background copy (qemu_backup_daemon + qemu_backup): blockdev-backup (sync
   full / top) from a raw source node to a raw target node, timed until
   BLOCK_JOB_COMPLETED.
@@ -108,7 +112,7 @@ class QemuDaemon:
         # the exported files of a live-disk daemon (qemu_cbw)
         self.live: str | None = None
         self.snapshot: str | None = None
-        self.snapshots: list[str] = []
+        self.snapshot_files: list[str] = []
 
     def __enter__(self) -> "QemuDaemon":
         os.makedirs(self.dir, exist_ok=True)
@@ -186,7 +190,9 @@ def qemu_cbw(workdir: str, source: str, targets: list[str],
     With several targets the filters are stacked, the first over the source and
     each next over the one before, the live disk on the top one: a first write
     copies the old cluster to every target, as snapfs does for each of its
-    snapshots. `snapshots` lists one export per target (`snapshot` is the first).
+    snapshots. `snapshot_files` lists one export per target (`snapshot` is the
+    first). With no target, the live disk is the raw source node, exported
+    writable (qemu_fleece takes a snapshot of it later).
     """
     qdir = os.path.join(workdir, "qemu")
     live = os.path.join(qdir, "live.img")
@@ -207,8 +213,39 @@ def qemu_cbw(workdir: str, source: str, targets: list[str],
         below = f"cbw{n}"
     args += ["--export", f"fuse,id=e1,node-name={below},mountpoint={live},writable=on", *exports]
     daemon = QemuDaemon(workdir, "cbw", args, [live, *snapshots], note)
-    daemon.live, daemon.snapshot, daemon.snapshots = live, snapshots[0], snapshots
+    daemon.live, daemon.snapshot_files = live, snapshots
+    daemon.snapshot = snapshots[0] if snapshots else None
     return daemon
+
+
+def qemu_fleece(daemon: QemuDaemon, source: str, target: str) -> float:
+    """A snapshot of the running live disk of `qemu_cbw(..., [])`, taken as QEMU
+    7.2 can while the disk stays exported (image fleecing, what libvirt does
+    for a pull-mode backup): `qemu-img create` of a qcow2 target backed by the
+    source, blockdev-add of it with the source node as its backing,
+    blockdev-backup sync none from the source into it (the job puts a
+    copy-before-write filter above the source), block-export-add of the target
+    read-only over FUSE. Seconds from `qemu-img create` until the export is
+    mounted; the export is WORKDIR/qemu/fleece.img (daemon.snapshot)."""
+    mountpoint = os.path.join(daemon.dir, "fleece.img")
+    daemon.mountpoints.append(mountpoint)  # cleanup unmounts it if left behind
+    open(mountpoint, "w").close()
+    remove(target)
+    start = time.perf_counter()
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", source, "-F", "raw", target])
+    daemon.qmp.command("blockdev-add", driver="file", filename=target,
+                       **{"node-name": "fleecef"})
+    daemon.qmp.command("blockdev-add", driver="qcow2", file="fleecef", backing="src",
+                       **{"node-name": "fleece"})
+    daemon.qmp.command("blockdev-backup", device="src", target="fleece", sync="none",
+                       **{"job-id": "fleece"})
+    daemon.qmp.command("block-export-add", type="fuse", id="fleece", writable=False,
+                       mountpoint=mountpoint, **{"node-name": "fleece"})
+    wait_for(lambda: is_mounted(mountpoint), 60, "qemu-storage-daemon fleecing export")
+    seconds = time.perf_counter() - start
+    daemon.snapshot = mountpoint
+    daemon.snapshot_files.append(mountpoint)
+    return seconds
 
 
 def qemu_backup_daemon(workdir: str, source: str, target: str,

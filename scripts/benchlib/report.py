@@ -72,6 +72,18 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
     half = size_text(config.half)
     row(f"First-write sequential (dd 1M, {half}, fdatasync)", "seq_first", "MB/s", True,
         "≥ 2x QEMU", lambda s, q, r: r >= 2)
+    counts = config.snapshot_counts
+    for n in counts:
+        row(f"First-write sequential, {n} snapshot{'s' if n > 1 else ''} at once "
+            f"(dd 1M, {half}, fdatasync)", f"seq_first_{n}", "MB/s", True, "(information)", None)
+
+    def kept(sysname):  # the share of the 1-snapshot throughput kept with the most snapshots
+        one, most = m(f"seq_first_{counts[0]}", sysname), m(f"seq_first_{counts[-1]}", sysname)
+        return most / one if one and most else None
+
+    row(f"First-write sequential, {counts[-1]} snapshots ÷ {counts[0]} snapshot", None, "x",
+        True, "(information)", None, better="better", worse="worse",
+        values=(kept("snapfs"), kept("qemu")))
     row(f"Overwrite sequential (dd 1M, {half}, fdatasync)", "seq_over", "MB/s", True,
         "≥ 1.5x QEMU", lambda s, q, r: r >= 1.5)
     row("First-write 4 KiB random (fio psync)", "rand_first", "IOPS", True,
@@ -119,6 +131,8 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
         "snapfs ≤ 100 MiB", lambda s, q, r: s <= 100, better="less", worse="more")
     row(f"Start-up on a {size_text(config.memory_disk)} sparse image", "startup", "s", False,
         "snapfs ≤ 2 s", lambda s, q, r: s <= 2)
+    row(f"Snapshot of a mounted live disk, {size_text(config.memory_disk)} sparse image",
+        "take", "s", False, "(information)", None)
     return rows
 
 
@@ -145,11 +159,18 @@ LABELS = {
     "full_mount": ("FULL copy: of which `snapfs mount`", "s"),
     "top_mount": ("TOP copy: of which `snapfs mount`", "s"),
     "memory": ("peak RSS (VmHWM)", "MiB"), "startup": ("start-up", "s"),
+    "startup_live": ("start-up of the live disk alone", "s"),
+    "take": ("snapshot of a mounted live disk", "s"),
+    **{f"seq_first_{n}": (f"first-write sequential, {n} snapshot{'s' if n > 1 else ''}", "MB/s")
+       for n in BenchConfig.snapshot_counts},
 }
 
 #: Results.extra key -> (what it is, unit)
 EXTRA_LABELS = {
     "clusters_copied_by_writes": ("clusters copied before a write (snapfs status)", ""),
+    **{f"clusters_copied_{n}": (f"{n} snapshot{'s' if n > 1 else ''}: clusters copied before a "
+                                "write, per snapshot", "") for n in BenchConfig.snapshot_counts},
+    "take_multi": ("`snapfs snapshot` in the first-write rows with several snapshots, each", "s"),
     "full_allocated": ("FULL target, allocated bytes", "MiB"),
     "top_allocated": ("TOP target, allocated bytes", "MiB"),
 }
@@ -262,7 +283,20 @@ images:
 - **live disk and snapshot**: a `copy-before-write` filter over the raw source
   with a qcow2 target (backing: the source), exported writable over FUSE, and a
   `snapshot-access` node over it exported read-only over FUSE; snapfs runs
-  `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET --sync none`;
+  `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET --sync none` (the live
+  disk and one snapshot in one command);
+- **several snapshots at once** (the "N snapshots at once" rows): snapfs runs
+  `snapfs mount SOURCE LIVE` (the live disk alone), then N times `snapfs
+  snapshot LIVE SNAPSHOTi --target TARGETi --sync none` (each snapshot served
+  by its own process); QEMU stacks N `copy-before-write` filters, each with its
+  own qcow2 target and `snapshot-access` export, the live disk on the top one.
+  Either way every first write to a cluster copies its old data into N targets;
+- **a snapshot of a mounted live disk**: `snapfs snapshot --sync none` on a
+  live disk from `snapfs mount SOURCE LIVE`; QEMU 7.2 cannot put a filter
+  under a running export, so it takes one by image fleecing (what libvirt does
+  for a pull-mode backup): `qemu-img create` of a qcow2 target backed by the
+  source, `blockdev-add`, `blockdev-backup sync=none` into it,
+  `block-export-add` of it over FUSE, timed until the export is mounted;
 - **background copy**: `blockdev-backup` (sync `full` or `top`) between raw
   nodes, timed until `BLOCK_JOB_COMPLETED`; snapfs runs `snapfs mount --sync
   full|top` and is timed from the start of `snapfs mount` until `snapfs wait`
@@ -274,12 +308,13 @@ Why the figures are what they are, where the time goes and what was tried:
 ## How to run it
 
 As root, on the machine to describe: `scripts/bench` (it installs QEMU, fio and
-the venv through `scripts/setup`; then about 4 minutes for the default 1 GiB
+the venv through `scripts/setup`; then about 10 minutes for the default 1 GiB
 image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
-write,copy,top,memory` to run part of it.
+write,multi,copy,top,memory,take` to run part of it (`multi`: the rows with
+several snapshots; `take`: the snapshot of a mounted live disk).
 
 ## How to read it
 
@@ -302,11 +337,22 @@ write,copy,top,memory` to run part of it.
   block in each of half of the clusters of the half of the image that the
   sequential test did not touch (an fio replay log, so no cluster is hit
   twice); the snapshot is then read with about 3/4 of its clusters copied.
+- The "N snapshots at once" rows run the first-write sequential `dd` on a
+  fresh copy of the image with N snapshots active (sync none: no background
+  copy competes); then every snapshot is compared with the image as it was
+  before the writes. Their 1-snapshot row differs from the plain first-write
+  row only in how the snapshot was taken (`snapfs snapshot` on a mounted live
+  disk instead of `snapfs mount` with a snapshot). The "÷" row is the share of
+  the 1-snapshot throughput kept with the most snapshots.
 - snapfs' background copy times include its start-up (`snapfs mount` until
   `snapfs wait` returns); QEMU's start at `blockdev-backup`, with the daemon
   already running. The TOP ÷ FULL row leaves snapfs' start-up out, so that it
   compares the copies alone. `snapfs wait` polls every 0.1 s: snapfs' copy
   times may run up to 0.1 s late.
+- Start-up rows: `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET` until
+  it returns (both mounts serve), on a sparse image; `snapfs snapshot` until it
+  returns. Each snapfs snapshot is served by a process of its own, a new
+  Python interpreter, whose start is part of both.
 - The machine may be shared: the load average before and after the run is
   under "Machine"; treat differences within the spread of the samples as
   noise.

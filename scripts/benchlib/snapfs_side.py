@@ -1,16 +1,16 @@
 """The system under test: snapfs, driven through its command line as a user
-drives it (`snapfs mount`, `status --json`, `wait`, `umount`), so that its
-start-up and its processes are measured as they are in use.
+drives it (`snapfs mount`, `snapshot`, `status --json`, `wait`, `umount`), so
+that its start-up and its processes are measured as they are in use.
 
 A SnapfsInstance is one live disk of a source image and the snapshots taken of
-it. Today one command makes the live disk and its one snapshot
-(`mount_with_snapshot`). When `snapfs mount SOURCE LIVE` (the live disk alone),
-`snapfs snapshot LIVE SNAPSHOT --target T --sync S` and `snapfs release
-SNAPSHOT` exist, they become `mount_live`, `take_snapshot` and `release` here,
-each a few lines: `_new_snapshot` gives every snapshot its own mount directory
-(snap, snap2, ...) and clears its target, `_learn_pids` picks up the processes
-a command started, and `cleanup` already unmounts the live disk and all the
-snapshots and stops every process.
+it: `mount_live` (`snapfs mount SOURCE LIVE`, the live disk alone) then
+`take_snapshot` (`snapfs snapshot LIVE SNAPSHOT --target T --sync S`) as often
+as wanted, or `mount_with_snapshot` (`snapfs mount SOURCE LIVE SNAPSHOT
+--target T`, the live disk and one snapshot in one command). Each snapshot gets
+its own mount directory (snap, snap2, ...). The live process (`python -m
+snapfs.daemon`) serves the live disk; each snapshot is served by a child of it
+(`python -m snapfs.daemon.snapshot_server`). `cleanup` unmounts the live disk
+and every snapshot and stops every process, however the measure ended.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,9 @@ from snapfs.mounts import lazy_unmount
 
 from benchlib.host import (MeasureError, alive, descendants, is_mounted, log, remove, run,
                            stop_pids, timed, vm_hwm)
+
+#: the modules the processes of a snapfs instance run (`python -m MODULE CONFIG`)
+DAEMON_MODULES = ("snapfs.daemon", "snapfs.daemon.snapshot_server")
 
 
 @dataclass
@@ -47,9 +51,12 @@ class SnapfsInstance:
         self.name = os.path.basename(source)
         self.live_dir = os.path.join(self.base, "live")
         self.live = os.path.join(self.live_dir, self.name)
+        #: the live disk's state directory: the daemon's log, the active snapshots
+        self.state_dir = source + ".snapfs-live"
         self.snapshots: list[SnapfsSnapshot] = []
-        self.pids: list[int] = []  # the daemon first, then its children
+        self.pids: list[int] = []  # the live process first, then its children
         self.mount_seconds: float | None = None  # of `snapfs mount`
+        self.snapshot_seconds: list[float] = []  # of each `snapfs snapshot`
 
     def __enter__(self) -> "SnapfsInstance":
         os.makedirs(self.live_dir, exist_ok=True)
@@ -67,14 +74,21 @@ class SnapfsInstance:
         n = len(self.snapshots) + 1
         directory = os.path.join(self.base, "snap" if n == 1 else f"snap{n}")
         os.makedirs(directory, exist_ok=True)
-        remove(target, target + ".snapfs", target + ".snapfs.log")
+        remove(target, target + ".snapfs")
         snapshot = SnapfsSnapshot(directory, os.path.join(directory, self.name), target, sync)
         self.snapshots.append(snapshot)
         return snapshot
 
+    def mount_live(self) -> None:
+        """`snapfs mount SOURCE LIVE`, timed (mount_seconds): the live disk alone."""
+        self._clear_state()
+        self.mount_seconds = timed(["snapfs", "mount", self.source, self.live_dir], timeout=600)
+        self._learn_pids()
+
     def mount_with_snapshot(self, target: str, sync: str) -> SnapfsSnapshot:
         """`snapfs mount SOURCE LIVE SNAPSHOT --target TARGET --sync SYNC --force`,
         timed (mount_seconds); the live disk and its first snapshot."""
+        self._clear_state()
         snapshot = self._new_snapshot(target, sync)
         self.mount_seconds = timed(
             ["snapfs", "mount", self.source, self.live_dir, snapshot.dir,
@@ -82,11 +96,35 @@ class SnapfsInstance:
         self._learn_pids()
         return snapshot
 
+    def take_snapshot(self, target: str, sync: str) -> SnapfsSnapshot:
+        """`snapfs snapshot LIVE SNAPSHOT --target TARGET --sync SYNC --force` on
+        the mounted live disk, timed (appended to snapshot_seconds)."""
+        snapshot = self._new_snapshot(target, sync)
+        try:
+            self.snapshot_seconds.append(timed(
+                ["snapfs", "snapshot", self.live_dir, snapshot.dir,
+                 "--target", target, "--sync", sync, "--force"], timeout=600))
+        finally:  # its process is a child of the live process
+            self.pids += [p for p in descendants(self.pids[0]) if p not in self.pids]
+        return snapshot
+
+    def _clear_state(self) -> None:
+        """Before a mount: no state directory left by an earlier instance that
+        did not stop cleanly, or `snapfs mount` would try to bring its
+        snapshots back (and fail: the bench's sources are fresh copies)."""
+        if os.path.isdir(self.state_dir):
+            self.note(f"{self.state_dir} was left by an earlier snapfs instance; removed")
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
     def _learn_pids(self) -> None:
-        """The daemon's pid (from `snapfs status`) and its children's: what
-        cleanup stops if `snapfs umount` does not. Call it again after every
-        command that starts a process (a snapshot is served by a child)."""
-        self.pids = descendants(self.status()["pid"])
+        """The live process's pid (from `snapfs status`), its children's and the
+        snapshot processes' (from the status, should one not be a child): what
+        cleanup stops if `snapfs umount` does not. Called after every command
+        that starts a process (each snapshot is served by one)."""
+        info = self.status()
+        pids = descendants(info["pid"])
+        pids += [s["pid"] for s in info["snapshots"] if s.get("pid") and s["pid"] not in pids]
+        self.pids = pids
 
     # --- asking the instance
 
@@ -96,30 +134,49 @@ class SnapfsInstance:
         return self.snapshots[0].path
 
     @property
+    def snapshot_files(self) -> list[str]:
+        """Every snapshot's image, in the order taken."""
+        return [s.path for s in self.snapshots]
+
+    @property
     def startup_seconds(self) -> float | None:
         return self.mount_seconds
 
     def status(self) -> dict:
+        """`snapfs status LIVE --json`: the live disk, with a list of its snapshots."""
         return json.loads(run(["snapfs", "status", self.live_dir, "--json"], timeout=60).stdout)
 
-    def wait(self) -> None:
-        """Until the background copy has ended (`snapfs wait`)."""
-        run(["snapfs", "wait", self.live_dir], timeout=7200)
+    def snapshot_status(self, index: int = 0) -> dict:
+        """`snapfs status SNAPSHOT --json` of the index-th snapshot: its state,
+        bytes_done, clusters_copied_by_writes, pid, ..."""
+        return json.loads(run(["snapfs", "status", self.snapshots[index].dir, "--json"],
+                              timeout=60).stdout)
+
+    def wait(self, index: int = 0) -> None:
+        """Until the index-th snapshot's background copy has ended (`snapfs wait`)."""
+        run(["snapfs", "wait", self.snapshots[index].dir], timeout=7200)
+
+    def processes(self) -> list[int]:
+        """The live process, its descendants and every snapshot's process, now."""
+        pids = descendants(self.pids[0])
+        with_status = [s["pid"] for s in self.status()["snapshots"] if s.get("pid")]
+        return pids + [p for p in with_status if p not in pids]
 
     def peak_rss(self) -> int:
-        """Sum of VmHWM of the daemon and its children (the snapshot process)."""
-        pids = descendants(self.pids[0])
-        return sum(vm_hwm(p) for p in pids)
+        """Sum of VmHWM of the live process and the snapshot processes."""
+        return sum(vm_hwm(p) for p in self.processes())
 
     # --- stopping
 
     def cleanup(self) -> None:
         """`snapfs umount`; what it leaves mounted is unmounted lazily and what it
-        leaves running is stopped, and the report says so."""
-        clean = True
+        leaves running is stopped, and the report says so (with the end of the
+        daemon's log, which a clean umount removes)."""
+        clean, unmounted = True, False
         if is_mounted(self.live_dir):
             try:
                 run(["snapfs", "umount", self.live_dir], timeout=300)
+                unmounted = True
             except MeasureError as e:
                 log(f"snapfs umount failed ({e}); forcing")
                 clean = False
@@ -127,28 +184,69 @@ class SnapfsInstance:
                     if is_mounted(d)]
         for d in leftover:
             lazy_unmount(d)
-        pids = self.pids or self._find_pids()
+        pids = self._our_pids()
+        if unmounted:  # the live process has exited; its snapshot processes end with it
+            deadline = time.monotonic() + 5
+            while any(alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if any(alive(p) for p in pids):
             clean = False
         stop_pids(pids)
         if leftover or not clean:
+            self._show_log()
             self.note(f"snapfs instance on {self.name} did not stop "
                       "cleanly; it was unmounted with fusermount3 -u -z and stopped")
+        if os.path.isdir(self.state_dir) and not any(alive(p) for p in pids):
+            if unmounted and clean and not leftover:
+                self.note(f"snapfs umount returned 0 but left {os.path.basename(self.state_dir)} "
+                          "behind (a clean umount removes it); removed")
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _show_log(self, lines: int = 20) -> None:
+        """The end of the daemon's log (SOURCE.snapfs-live/log), on stderr."""
+        path = os.path.join(self.state_dir, "log")
+        try:
+            with open(path, errors="replace") as f:
+                tail = f.read().splitlines()[-lines:]
+        except OSError:
+            return
+        log(f"the end of {path}:\n" + "\n".join(f"    {line}" for line in tail))
+
+    def _our_pids(self) -> list[int]:
+        """Every process of the instance we know of: the ones learnt, the live
+        process's descendants now, and those found by their command line (all
+        of them when `snapfs mount` failed before we learnt a pid)."""
+        pids = list(self.pids)
+        if pids and alive(pids[0]):
+            pids += [p for p in descendants(pids[0]) if p not in pids]
+        return pids + [p for p in self._find_pids() if p not in pids]
 
     def _find_pids(self) -> list[int]:
-        """Our daemons when `snapfs mount` failed before we learnt their pid: the
-        processes running snapfs.daemon with this work directory in their arguments."""
+        """Our processes when `snapfs mount` failed before we learnt their pid:
+        `python -m snapfs.daemon` (the live process) and `python -m
+        snapfs.daemon.snapshot_server` (a snapshot's) whose configuration names
+        a path in WORKDIR/snapfs (the live disk's or the snapshot's mount point)."""
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        cmdline = f.read().decode(errors="replace")
+                        argv = f.read().decode(errors="replace").split("\0")
                 except OSError:
                     continue
-                if "snapfs.daemon" in cmdline and self.live_dir in cmdline:
+                if is_instance_process(argv, self.base):
                     pids.append(int(entry))
         return pids
+
+
+def is_instance_process(argv: list[str], base: str) -> bool:
+    """Whether a command line is a snapfs daemon process (the live one or a
+    snapshot's) with a path under `base` in its configuration."""
+    try:
+        module = argv[argv.index("-m") + 1]
+    except (ValueError, IndexError):
+        return False
+    return module in DAEMON_MODULES and any(base + os.sep in arg for arg in argv)
 
 
 def snapfs_python() -> str | None:
