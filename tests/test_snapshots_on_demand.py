@@ -315,6 +315,8 @@ def test_snapshots_come_back_after_the_daemon_dies(tmp_path, disk, problem):
     copied_at_crash.close()
     assert 0 < bits_at_crash < 16 * MiB // CLUSTER
 
+    result = d.mount(check=False)  # the dead mount is still there
+    assert result.returncode == 1 and "daemon that died" in result.stderr, result.stderr
     result = run_snapfs("umount", d.live_dir, check=False)
     assert result.returncode == 1 and "daemon had died" in result.stderr
     assert not is_mounted(d.live_dir)

@@ -53,7 +53,11 @@ def check_source(path: str, fmt: str | None) -> tuple[str, str, os.stat_result]:
 
 def check_mount_point(path: str, what: str) -> str:
     real = os.path.realpath(path)
-    if mounts.mount_type(real) is not None:
+    fstype = mounts.mount_type(real)
+    if fstype in mounts.SNAPFS_FSTYPES and _daemon_gone(real):
+        raise UserError(f"{what} {path}: still mounted by a snapfs daemon that died; "
+                        "snapfs umount LIVE detaches what it left")
+    if fstype is not None:
         raise UserError(f"{what} {path}: busy, something is mounted there already")
     if not os.path.exists(real):
         raise UserError(f"{what} {path}: no such directory")
@@ -63,6 +67,18 @@ def check_mount_point(path: str, what: str) -> str:
     if other:
         raise UserError(f"{what} {path}: inside the snapfs mount {other}")
     return real
+
+
+def _daemon_gone(point: str) -> bool:
+    from snapfs.cli import client
+
+    try:
+        client.status(client.locate(point).instance)
+    except client.DaemonGone:
+        return True
+    except UserError:
+        pass
+    return False
 
 
 def check_not_covering(source: str, source_arg: str, point: str, what: str) -> None:

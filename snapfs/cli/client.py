@@ -42,10 +42,20 @@ def locate_live(path: str) -> Located:
     return found
 
 
-def request(instance: str, command: str, **arguments) -> dict:
+#: how long a daemon may take to answer a question (status); commands that
+#: change something (snapshot, release, umount) wait as long as they take
+STATUS_TIMEOUT = 30
+
+
+class NoAnswer(UserError):
+    """The daemon took too long to answer."""
+
+
+def request(instance: str, command: str, timeout: float | None = None, **arguments):
     """Send one request to the live process of `instance`; its reply, or a
     UserError with the daemon's one line."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
         try:
             sock.connect(protocol.address(instance))
         except (ConnectionRefusedError, FileNotFoundError):
@@ -60,6 +70,8 @@ def request(instance: str, command: str, **arguments) -> dict:
                 chunk = sock.recv(1 << 20)
             except ConnectionResetError:
                 chunk = b""
+            except TimeoutError:
+                raise NoAnswer(f"the snapfs daemon did not answer within {timeout:g} s") from None
             if not chunk:
                 raise DaemonGone("the snapfs daemon stopped before it answered")
             data += chunk
@@ -69,8 +81,8 @@ def request(instance: str, command: str, **arguments) -> dict:
         raise UserError(str(e)) from None
 
 
-def status(instance: str) -> dict:
-    return request(instance, "status")
+def status(instance: str, timeout: float = STATUS_TIMEOUT) -> dict:
+    return request(instance, "status", timeout=timeout)
 
 
 def snapshot_status(path: str) -> tuple[Located, dict]:
@@ -101,7 +113,7 @@ def find_snapshot_anywhere(path: str) -> tuple[str, dict] | None:
         if instance is None:
             continue
         try:
-            info = status(instance)
+            info = status(instance, timeout=5)
         except UserError:
             continue
         for snap in info["snapshots"]:
