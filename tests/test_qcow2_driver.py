@@ -1,4 +1,4 @@
-"""The qcow2 driver (snapfs/qcow2.py), with qemu-img and qemu-io as the oracle.
+"""The qcow2 driver (snapfs/image/qcow2/), with qemu-img and qemu-io as the oracle.
 
 Images are made by qemu-img/qemu-io (or by the driver), read and written
 through `Qcow2Image`, and judged by `qemu-img convert/compare/check/map/info`.
