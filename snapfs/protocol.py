@@ -65,15 +65,12 @@ class SnapshotRequest(_Record):
 class LiveConfig(_Record):
     """What `snapfs mount` starts the live process with (paths absolute)."""
 
-    source: str
+    source: str  # the image file itself, symbolic links resolved
     live: str
+    name: str  # the file's name in LIVE (and SNAPSHOT): SOURCE's name as given
     format: str = "raw"
     #: a snapshot to take before the live disk accepts its first write
     snapshot: SnapshotRequest | None = None
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.source)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

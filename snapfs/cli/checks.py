@@ -82,9 +82,13 @@ def _daemon_gone(point: str) -> bool:
 
 
 def check_not_covering(source: str, source_arg: str, point: str, what: str) -> None:
-    if mounts.inside(os.path.realpath(source), point):
-        raise UserError(f"source {source_arg}: lies inside {what} {point}, "
-                        "which the mount would cover")
+    """SOURCE, or the path it was given by (a symbolic link, say), inside a
+    mount point: the mount would cover it."""
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(source)))
+    for path in (os.path.realpath(source), os.path.join(parent, os.path.basename(source))):
+        if mounts.inside(path, point):
+            raise UserError(f"source {source_arg}: lies inside {what} {point}, "
+                            "which the mount would cover")
 
 
 def check_snapshot(args, source: str, source_st: os.stat_result, source_format: str,

@@ -28,23 +28,27 @@ def start_timeout() -> float:
 
 
 def check_mount_args(args) -> LiveConfig:
-    source, fmt, st = check_source(args.source, args.format)
+    given, fmt, st = check_source(args.source, args.format)
+    # Everything the daemon keeps for SOURCE (its state directory) goes
+    # beside the file itself, not beside a symbolic link to it.
+    source = os.path.realpath(given)
     live = check_mount_point(args.live, "LIVE")
-    check_not_covering(source, args.source, live, "LIVE")
+    check_not_covering(given, args.source, live, "LIVE")
     snapshot = None
     if args.snapshot is not None:
         if args.target is None:
             raise UserError("a SNAPSHOT needs --target TARGET")
-        snapshot = check_snapshot(args, source, st, fmt, live)
+        snapshot = check_snapshot(args, given, st, fmt, live)
     else:
-        given = [option for option, value in (
+        options = [option for option, value in (
             ("--target", args.target), ("--target-format", args.target_format),
             ("--sync", args.sync != "full"), ("--cluster-size", args.cluster_size != 64 << 10),
             ("--speed", args.speed), ("--force", args.force)) if value]
-        if given:
-            raise UserError(f"{given[0]} is an option of a snapshot: give SNAPSHOT too, or "
+        if options:
+            raise UserError(f"{options[0]} is an option of a snapshot: give SNAPSHOT too, or "
                             "take one later with snapfs snapshot")
-    return LiveConfig(source=source, live=live, format=fmt, snapshot=snapshot)
+    return LiveConfig(source=source, live=live, name=os.path.basename(given), format=fmt,
+                      snapshot=snapshot)
 
 
 def cmd_mount(args) -> int:

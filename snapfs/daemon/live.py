@@ -33,6 +33,7 @@ from snapfs import filelock, mounts
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.daemon.control_server import serve_control
 from snapfs.daemon.snapshot import Snapshot
+from snapfs.daemon.spawner import Spawner
 from snapfs.daemon.state import LiveState, identity
 from snapfs.errors import UserError
 from snapfs.fuse.live import LiveOperations
@@ -67,6 +68,8 @@ class LiveDaemon:
         self.forced = False  # a signal: end snapshots at once
         self._nursery: trio.Nursery | None = None
         self._lifeline_read, self._lifeline_write = os.pipe()
+        # forked now, before trio starts: see daemon/spawner.py
+        self.spawner = Spawner(close_in_child=readiness.fds() + [self._lifeline_write])
         self._stop_requested = trio.Event()
         #: one change of the set of snapshots at a time (take, release, umount)
         self._changing = trio.Lock()
@@ -81,6 +84,7 @@ class LiveDaemon:
             stack.callback(self.source.close)
             for fd in (self._lifeline_read, self._lifeline_write):
                 stack.callback(os.close, fd)
+            stack.callback(self.spawner.close)
             self.engine = CopyBeforeWrite(self.source)
             try:
                 previous = self.state.load()
@@ -174,18 +178,18 @@ class LiveDaemon:
     async def _start(self, snapshot: Snapshot) -> None:
         self.snapshots.append(snapshot)
         try:
-            await self._nursery.start(snapshot.run, self.engine, self._lifeline_read,
-                                      lambda: self._ended(snapshot))
+            await self._nursery.start(snapshot.run, self.engine, self.spawner,
+                                      self._lifeline_read, lambda: self._ended(snapshot))
         except BaseException:
             if snapshot in self.snapshots:
                 self.snapshots.remove(snapshot)
             raise
-        self._save_state()
+        await self._save_state()
 
-    def _ended(self, snapshot: Snapshot) -> None:
+    async def _ended(self, snapshot: Snapshot) -> None:
         if snapshot in self.snapshots:
             self.snapshots.remove(snapshot)
-            self._save_state()
+            await self._save_state()
 
     async def release(self, mountpoint: str, lazy: bool = False) -> None:
         async with self._changing:
@@ -195,7 +199,7 @@ class LiveDaemon:
         snapshot = self.find(mountpoint)
         if snapshot.failure is not None:  # never brought back: nothing runs
             self.snapshots.remove(snapshot)
-            self._save_state()
+            await self._save_state()
             return
         await snapshot.release(lazy)
 
@@ -272,7 +276,7 @@ class LiveDaemon:
                 self.snapshots.append(snapshot)
                 warnings.append(f"snapshot {request.snapshot} {snapshot.failure}")
                 log.error("snapshot %s %s", request.snapshot, snapshot.failure)
-        self._save_state()
+        await self._save_state()
         return warnings
 
     @staticmethod
@@ -285,7 +289,12 @@ class LiveDaemon:
         else:
             raise UserError(f"{point}: something else is mounted there")
 
-    def _save_state(self) -> None:
+    async def _save_state(self) -> None:
+        """Record the active snapshots (in a worker thread: a file operation
+        must never block the thread that serves the live mount)."""
+        await trio.to_thread.run_sync(self._write_state)
+
+    def _write_state(self) -> None:
         entries = []
         for snapshot in self.snapshots:
             if snapshot.failure is not None:

@@ -19,15 +19,12 @@ Life of a snapshot:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 import types
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -37,6 +34,7 @@ from snapfs.backup.copymap import CopyMap
 from snapfs.backup.job import BackupJob
 from snapfs.backup.store import Store
 from snapfs.backup.target import create_target
+from snapfs.daemon.spawner import SnapshotProcess, Spawner
 from snapfs.daemon.state import boot_id, identity, identity_of
 from snapfs.errors import UserError
 from snapfs.image import open_image
@@ -63,7 +61,7 @@ class Snapshot:
         self.file = os.path.join(request.snapshot, name)
         self.store: Store | None = None
         self.job: BackupJob | None = None
-        self.process: trio.Process | None = None
+        self.process: SnapshotProcess | None = None
         self.created = time.time()
         self.times: os.stat_result | None = None  # SOURCE's status at the point in time
         #: why it could not be brought back after a crash (it then has no
@@ -189,41 +187,36 @@ class Snapshot:
 
     # --- the process ----------------------------------------------------
 
-    async def run(self, engine: CopyBeforeWrite, lifeline: int, on_end: Callable[[], None],
-                  *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, engine: CopyBeforeWrite, spawner: Spawner, lifeline: int,
+                  on_end: Callable[[], Awaitable[None]], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve the snapshot until its mount goes away, then end it (see the
         module's docstring). Reports started once the mount is up; if it never
         comes up, undoes everything and raises UserError."""
         try:
             async with trio.open_nursery() as nursery:
-                await self._start_process(lifeline)
+                await self._start_process(spawner, lifeline)
                 self._started = True
                 nursery.start_soon(self._run_job)
                 task_status.started()
-                code = await self.process.wait()
-                log.info("%s: snapshot process ended (exit status %s)", self.file, code)
+                await self.process.wait()
+                log.info("%s: its snapshot process ended", self.file)
                 self.job.stop()
         finally:
             with trio.CancelScope(shield=True):
                 await self._end(engine)
-                on_end()
+                await on_end()
 
-    async def _start_process(self, lifeline: int) -> None:
+    async def _start_process(self, spawner: Spawner, lifeline: int) -> None:
         store, req = self.store, self.request
         ready_read, ready_write = os.pipe()
         config = {
             "name": self.name, "mountpoint": req.snapshot, "instance": self.instance,
-            "source_fd": self.source.fd, "source_path": self.source.path,
-            "format": self.source_format,
-            "target_fd": store.target.fd, "target_format": self.target_format,
-            "copymap_fd": store.copymap.fd, "times": _stat_to(self.times),
-            "ready_fd": ready_write, "lifeline_fd": lifeline,
+            "source_path": self.source.path, "format": self.source_format,
+            "target_format": self.target_format, "times": _stat_to(self.times),
         }
-        fds = (self.source.fd, store.target.fd, store.copymap.fd, ready_write, lifeline)
         try:
-            self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "snapfs.daemon.snapshot_server", json.dumps(config)],
-                stdin=subprocess.DEVNULL, pass_fds=fds)
+            self.process = await spawner.spawn(
+                config, [self.source.fd, store.target.fd, store.copymap.fd, ready_write, lifeline])
         except BaseException:
             os.close(ready_read)
             raise
@@ -273,13 +266,13 @@ class Snapshot:
     async def kill(self) -> None:
         """Stop the snapshot process now (it detaches its mount)."""
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None or process.done:
             return
         process.send_signal(signal.SIGTERM)
         with trio.move_on_after(STOP_TIMEOUT):
             await process.wait()
-        if process.returncode is None:
-            process.kill()
+        if not process.done:
+            process.send_signal(signal.SIGKILL)
             await process.wait()
 
     async def _end(self, engine: CopyBeforeWrite) -> None:

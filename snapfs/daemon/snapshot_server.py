@@ -2,10 +2,10 @@
 source, the target and the copy map, which it reads without asking the live
 process anything (docs/design.md explains why that is safe).
 
-The live process starts it as `python -m snapfs.daemon.snapshot_server CONFIG`
-and hands it its open files (SOURCE, TARGET, the copy map) as inherited
-descriptors, which it reopens read-only through /proc/self/fd: renaming or
-deleting any of them by path changes nothing. It reports `ready` on a pipe
+The live process starts it through its spawner (daemon/spawner.py) and hands
+it its open files (SOURCE, TARGET, the copy map) as descriptors, which it
+reopens read-only through /proc/self/fd: renaming or deleting any of them by
+path changes nothing. It reports `ready` on a pipe
 once its mount is up, and stops when its mount goes away (unmounted: its
 snapshot is being released), on SIGTERM, or when the live process ends (the
 lifeline pipe closes), detaching its mount.
@@ -13,18 +13,16 @@ lifeline pipe closes), detaching its mount.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import sys
 
 import pyfuse3
 import trio
 
 from snapfs.backup.copymap import CopyMap
 from snapfs.backup.reader import SnapshotReader
-from snapfs.daemon.logs import run_logged, setup_logging
+from snapfs.daemon.logs import run_logged
 from snapfs.daemon.snapshot import times_from
 from snapfs.errors import UserError
 from snapfs.fuse.snapshot import SnapshotOperations
@@ -46,18 +44,23 @@ def _inherited(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-async def serve(config: dict, readiness: Readiness) -> None:
-    source = open_image(_inherited(config["source_fd"]), config["format"],
+#: the order of the descriptors the live process hands over
+FDS = ("source", "target", "copymap", "ready", "lifeline")
+
+
+async def serve(config: dict, fds: dict, readiness: Readiness) -> None:
+    source = open_image(_inherited(fds["source"]), config["format"],
                         backing_dir=os.path.dirname(config["source_path"]))
     try:
-        target = open_image(_inherited(config["target_fd"]), config["target_format"],
+        target = open_image(_inherited(fds["target"]), config["target_format"],
                             with_backing=False)
         try:
-            copymap = CopyMap.open(_inherited(config["copymap_fd"]))
+            copymap = CopyMap.open(_inherited(fds["copymap"]))
             try:
-                for fd in (config["source_fd"], config["target_fd"], config["copymap_fd"]):
-                    os.close(fd)  # reopened above
-                await _serve(config, readiness, SnapshotReader(source, target, copymap))
+                for name in ("source", "target", "copymap"):
+                    os.close(fds[name])  # reopened above
+                await _serve(config, fds["lifeline"], readiness,
+                             SnapshotReader(source, target, copymap))
             finally:
                 copymap.close()
         finally:
@@ -66,7 +69,8 @@ async def serve(config: dict, readiness: Readiness) -> None:
         source.close()
 
 
-async def _serve(config: dict, readiness: Readiness, reader: SnapshotReader) -> None:
+async def _serve(config: dict, lifeline: int, readiness: Readiness,
+                 reader: SnapshotReader) -> None:
     point = config["mountpoint"]
     ops = SnapshotOperations(config["name"], reader, times_from(config["times"]))
     try:
@@ -76,7 +80,7 @@ async def _serve(config: dict, readiness: Readiness, reader: SnapshotReader) -> 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
-            nursery.start_soon(_terminate_when_live_process_ends, config["lifeline_fd"])
+            nursery.start_soon(_terminate_when_live_process_ends, lifeline)
             nursery.start_soon(_raise_readahead, point)
             readiness.ready()
             await pyfuse3.main()
@@ -118,12 +122,9 @@ async def _terminate_on_signal() -> None:
             return
 
 
-def main(argv: list[str]) -> int:
-    config = json.loads(argv[0])
-    setup_logging()
-    readiness = Readiness(config["ready_fd"])
-    return run_logged(lambda: serve(config, readiness), readiness, "snapshot")
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def run(config: dict) -> int:
+    """Serve the snapshot `config` describes until its mount goes away; the
+    exit code. `config["fds"]` holds the descriptors named in FDS."""
+    fds = dict(zip(FDS, config["fds"]))
+    readiness = Readiness(fds["ready"])
+    return run_logged(lambda: serve(config, fds, readiness), readiness, "snapshot")
