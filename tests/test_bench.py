@@ -52,10 +52,20 @@ def _mounted_under(directory: str) -> list[str]:
     return [m.point for m in mount_table() if m.point != directory and inside(m.point, directory)]
 
 
+def _sleeps_uninterruptibly(pid: str) -> bool:
+    """A process in state D: reading its command line could hang this test
+    (another test's FUSE server stuck under a loop device, on a shared machine)."""
+    try:
+        return any(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] == "D"
+                   for t in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, IndexError):
+        return False
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
+        if entry.isdigit() and int(entry) != os.getpid() and not _sleeps_uninterruptibly(entry):
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")

@@ -21,7 +21,7 @@ import sys
 from snapfs.mounts import lazy_unmount
 
 from benchlib.config import ROOT, BenchConfig
-from benchlib.host import MeasureError, log, mounts_under, remove
+from benchlib.host import MeasureError, PageCache, log, mounts_under, remove
 from benchlib.measures import GROUPS, Measures
 from benchlib.results import SYSTEMS, Results
 
@@ -67,6 +67,7 @@ def run(config: BenchConfig, results: Results) -> None:
     """Make the images, run every group for both systems `config.repeat` times,
     then clean the work directory, whatever happened."""
     measures = Measures(config, results)
+    PageCache.filesystem = config.workdir
     try:
         measures.prepare()
         groups = [g for g in GROUPS if g in config.groups]

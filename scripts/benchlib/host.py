@@ -9,6 +9,7 @@ Every failure a measure can meet surfaces as MeasureError, which the run loop
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -95,6 +96,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def sleeps_uninterruptibly(pid: int) -> bool:
+    """Whether a thread of `pid` is in state D. Reading such a process's
+    /proc/PID/cmdline can block for as long (its memory map may be locked),
+    as `ps` does when a FUSE server hangs under a loop device."""
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "D":
+                    return True
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def stop_pids(pids: list[int], grace: float = 10) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds, to processes we started."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
@@ -138,16 +153,37 @@ def mounts_under(directory: str) -> list[str]:
 
 # --- page cache -----------------------------------------------------------------
 
+def sync_filesystem(path: str | None) -> None:
+    """syncfs(2) of the file system that holds `path`; sync(2) of every file
+    system if None."""
+    if path is None:
+        os.sync()
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), path)
+    finally:
+        os.close(fd)
+
+
 class PageCache:
     """Cold measures start from an empty page cache; warm inputs are loaded."""
 
     #: False once dropping failed: the report then says cold figures are warm
     dropped_ok = True
+    #: the file system written out before a drop: the work directory's (the
+    #: harness sets it), not every one, so that a file system that hangs
+    #: elsewhere on a shared machine (a FUSE server stuck under a loop device)
+    #: does not hang the bench in sync(2)
+    filesystem: str | None = None
 
     @classmethod
     def drop(cls) -> None:
-        """`sync; echo 3 > /proc/sys/vm/drop_caches`."""
-        os.sync()
+        """`sync -f WORKDIR; echo 3 > /proc/sys/vm/drop_caches`."""
+        sync_filesystem(cls.filesystem)
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")

@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 
 from benchlib.config import KiB, MiB, BenchConfig
-from benchlib.host import MeasureError, PageCache, fsync_file, log, remove, run
+from benchlib.host import (MeasureError, PageCache, fsync_file, log, remove, run,
+                           sync_filesystem)
 from benchlib.qemu_side import qemu_backup, qemu_backup_daemon, qemu_cbw, qemu_fleece
 from benchlib.results import REFERENCE, Results
 from benchlib.snapfs_side import SnapfsInstance, snapfs_python
@@ -66,7 +67,7 @@ class Measures:
             f"sparse image: {size // MiB} MiB virtual, {allocated / MiB:.1f} MiB "
             f"allocated ({100 * allocated / size:.1f}%) in {len(chosen)} extents of "
             f"{extent // KiB} KiB")
-        os.sync()
+        sync_filesystem(self.workdir)
 
     # --- the live disk and its snapshot, on either system
 

@@ -25,7 +25,7 @@ from typing import Callable
 from snapfs.mounts import lazy_unmount
 
 from benchlib.host import (MeasureError, alive, descendants, is_mounted, log, remove, run,
-                           stop_pids, timed, vm_hwm)
+                           sleeps_uninterruptibly, stop_pids, timed, vm_hwm)
 
 #: the modules the processes of a snapfs instance run (`python -m MODULE CONFIG`)
 DAEMON_MODULES = ("snapfs.daemon", "snapfs.daemon.snapshot_server")
@@ -219,16 +219,20 @@ class SnapfsInstance:
         pids = list(self.pids)
         if pids and alive(pids[0]):
             pids += [p for p in descendants(pids[0]) if p not in pids]
-        return pids + [p for p in self._find_pids() if p not in pids]
+        return pids + [p for p in self._find_pids(quiet=bool(pids)) if p not in pids]
 
-    def _find_pids(self) -> list[int]:
+    def _find_pids(self, quiet: bool = False) -> list[int]:
         """Our processes when `snapfs mount` failed before we learnt their pid:
         `python -m snapfs.daemon` (the live process) and `python -m
         snapfs.daemon.snapshot_server` (a snapshot's) whose configuration names
-        a path in WORKDIR/snapfs (the live disk's or the snapshot's mount point)."""
-        pids = []
+        a path in WORKDIR/snapfs (the live disk's or the snapshot's mount point).
+        Processes in state D are left out (and named, unless `quiet`)."""
+        pids, skipped = [], []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
+                if sleeps_uninterruptibly(int(entry)):
+                    skipped.append(entry)
+                    continue
                 try:
                     with open(f"/proc/{entry}/cmdline", "rb") as f:
                         argv = f.read().decode(errors="replace").split("\0")
@@ -236,6 +240,9 @@ class SnapfsInstance:
                     continue
                 if is_instance_process(argv, self.base):
                     pids.append(int(entry))
+        if skipped and not quiet:
+            log(f"looking for our snapfs processes: pids {', '.join(skipped)} sleep "
+                "uninterruptibly, their command lines were not read")
         return pids
 
 
