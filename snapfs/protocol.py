@@ -113,6 +113,16 @@ def address(instance: str) -> str:
     return "\0snapfs/" + instance
 
 
+def listening(instance: str) -> bool:
+    """Whether something listens on the address of `instance`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address(instance))
+        except OSError:
+            return False
+    return True
+
+
 def peer_uid(sock: socket.socket) -> int:
     """The user id of the process at the other end of a Unix socket."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -12,7 +12,7 @@ import sys
 from snapfs import filelock, mounts
 from snapfs.errors import UserError
 from snapfs.image import open_image
-from snapfs.protocol import SnapshotRequest, copymap_path
+from snapfs.protocol import SnapshotRequest, copymap_path, state_dir
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -113,6 +113,12 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
     for point in (live, snapshot):
         if mounts.inside(target, point):
             raise UserError(f"target {args.target}: inside the mount point {point}")
+    state = state_dir(os.path.realpath(source))
+    if mounts.inside(target, state):
+        raise UserError(f"target {args.target}: inside the live disk's state directory {state}")
+    if mounts.inside(snapshot, state) or mounts.inside(state, snapshot):
+        raise UserError(f"SNAPSHOT {args.snapshot}: in or around the live disk's state "
+                        f"directory {state}")
     other = mounts.snapfs_mount_containing(target_dir)
     if other:
         raise UserError(f"target {args.target}: inside the snapfs mount {other}")

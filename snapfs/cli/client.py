@@ -61,9 +61,14 @@ def request(instance: str, command: str, timeout: float | None = None, **argumen
         except (ConnectionRefusedError, FileNotFoundError):
             raise DaemonGone("the snapfs daemon of this mount is not running") from None
         if not protocol.trusted(protocol.peer_uid(sock)):
-            raise UserError("the process behind this mount's control socket is not a "
-                            "snapfs daemon of root or of this user: not talking to it")
-        sock.sendall(protocol.encode({"command": command, **arguments}))
+            # Only the daemon's own address: the daemon cannot be running,
+            # since someone else holds it.
+            raise DaemonGone("the snapfs daemon of this mount is not running (another "
+                             "user's process holds its address; not talking to it)")
+        try:
+            sock.sendall(protocol.encode({"command": command, **arguments}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it may have answered already: read on
         data = b""
         while not data.endswith(b"\n"):
             try:

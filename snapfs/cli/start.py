@@ -15,11 +15,11 @@ import time
 from snapfs import mounts
 from snapfs.cli.checks import check_mount_point, check_not_covering, check_snapshot, check_source
 from snapfs.errors import UserError
-from snapfs.protocol import LiveConfig, copymap_path, parse_readiness, state_dir
+from snapfs.daemon.state import LiveState, check_trusted
+from snapfs.protocol import LiveConfig, copymap_path, parse_readiness
 
 #: how long `mount` waits for the daemon to report its mounts up
 START_TIMEOUT = 120
-LOG_FILE = "log"
 
 
 def start_timeout() -> float:
@@ -62,12 +62,22 @@ def cmd_mount(args) -> int:
         readiness = Readiness(None)
         return run_logged(LiveDaemon(cfg, readiness).run, readiness, "live")
 
-    directory = state_dir(cfg.source)
-    had_state = os.path.isdir(directory)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    log_file = os.path.join(directory, LOG_FILE)
+    state = LiveState(cfg.source)
+    try:
+        had_state = state.make_dir()
+        log_fd = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"{state.dir}: {e.strerror}") from None
+    directory, log_file = state.dir, state.log
     read_end, write_end = os.pipe()
-    with open(log_file, "a") as log:
+    with os.fdopen(log_fd, "a") as log:
+        try:
+            check_trusted(log_file, directory=False, st=os.fstat(log.fileno()))
+        except ValueError as e:
+            raise UserError(str(e)) from None
         process = subprocess.Popen(
             [sys.executable, "-m", "snapfs.daemon", cfg.to_json(), "--ready-fd", str(write_end)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),

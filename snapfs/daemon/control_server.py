@@ -6,6 +6,7 @@ requests of the mounts."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import trio
@@ -38,10 +39,12 @@ async def _answer(connection, daemon) -> None:
     """Answer one request; nothing that goes wrong here may stop the daemon."""
     stream = trio.SocketStream(connection)
     async with stream:
-        if not protocol.trusted(protocol.peer_uid(connection)):
-            return  # not root, not our user: not a word
         try:
             request = protocol.decode(await _read_line(stream))
+            uid = protocol.peer_uid(connection)
+            if not protocol.trusted(uid):
+                raise UserError(f"permission denied: only root and user {os.geteuid()} may "
+                                "control this live disk")
             reply = await _dispatch(daemon, request)
         except UserError as e:
             reply = protocol.error(str(e))

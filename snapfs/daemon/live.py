@@ -29,7 +29,7 @@ import time
 import pyfuse3
 import trio
 
-from snapfs import filelock, mounts
+from snapfs import filelock, mounts, protocol
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.daemon.control_server import serve_control
 from snapfs.daemon.snapshot import Snapshot
@@ -82,13 +82,14 @@ class LiveDaemon:
             stack.callback(os.close, filelock.lock(cfg.source, "source"))
             self.source = open_image(cfg.source, cfg.format, writable=True)
             stack.callback(self.source.close)
+            filelock.share_chain(self.source)
             for fd in (self._lifeline_read, self._lifeline_write):
                 stack.callback(os.close, fd)
             stack.callback(self.spawner.close)
             self.engine = CopyBeforeWrite(self.source)
             try:
                 previous = self.state.load()
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 raise UserError(str(e)) from None
             async with trio.open_nursery() as handlers:  # the commands being answered
                 async with trio.open_nursery() as nursery:
@@ -164,6 +165,10 @@ class LiveDaemon:
                 raise UserError(f"{request.snapshot}: already a snapshot of {self.cfg.live}")
         if mounts.find_mount(request.snapshot) is not None:
             raise UserError(f"SNAPSHOT {request.snapshot}: busy, something is mounted there")
+        for path, what in ((request.snapshot, "SNAPSHOT"), (request.target, "target")):
+            if mounts.inside(path, self.state.dir) or mounts.inside(self.state.dir, path):
+                raise UserError(f"{what} {path}: in or around the live disk's state directory "
+                                f"{self.state.dir}")
         snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name, self.instance)
         await trio.to_thread.run_sync(snapshot.create)
         # The point in time: no checkpoint between the last write that
@@ -281,11 +286,15 @@ class LiveDaemon:
 
     @staticmethod
     def _clear_dead_mount(point: str, instance: str | None) -> None:
+        """Detach what the dead instance left on a snapshot's mount point:
+        only a snapshot mount of that instance, and only if no daemon answers
+        for it (the state file may be stale, or planted)."""
         mount = mounts.find_mount(point)
         if mount is None:
             return
-        if instance and mount.source == fsname(instance):
-            mounts.lazy_unmount(point)  # what the dead instance left
+        if (instance and mount.source == fsname(instance)
+                and mount.fstype == mounts.SNAPSHOT_FSTYPE and not protocol.listening(instance)):
+            mounts.lazy_unmount(point)
         else:
             raise UserError(f"{point}: something else is mounted there")
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import stat
 import time
 import types
 from typing import Awaitable, Callable
@@ -88,8 +90,12 @@ class Snapshot:
                 copymap_path(req.target), self.source.size, req.cluster_size,
                 {"source": self.source.path, "target": req.target, "format": self.source_format,
                  "target_format": self.target_format, "sync": req.sync, "state": "running",
-                 "boot_id": boot_id(), "created": self.created},
+                 "id": secrets.token_hex(8), "boot_id": boot_id(), "created": self.created},
                 overwrite=req.force))
+            # The target holds the disk's data: never more open than SOURCE.
+            source_mode = stat.S_IMODE(self.source.stat().st_mode) & 0o666
+            for fd in (target.fd, copymap.fd):
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & source_mode)
         except BaseException:
             self.discard()
             raise
@@ -144,6 +150,8 @@ class Snapshot:
             raise UserError(f"copy map: {e}") from None
         self._files.callback(copymap.close)
         info = copymap.info
+        if info.get("id") != saved.get("copymap_key"):
+            raise UserError(f"copy map {copymap.path} was replaced since the snapshot was taken")
         if (info.get("size") != self.source.size or info.get("cluster_size") != req.cluster_size
                 or info.get("sync") != req.sync or target.size != self.source.size):
             raise UserError(f"copy map {copymap.path} does not describe this snapshot")
@@ -166,6 +174,7 @@ class Snapshot:
                 "source": identity(self.source.fd),
                 "target_id": identity(store.target.fd),
                 "copymap_id": identity(store.copymap.fd),
+                "copymap_key": store.copymap.info.get("id"),
                 "created": self.created, "times": _stat_to(self.times)}
 
     # --- the point in time ----------------------------------------------

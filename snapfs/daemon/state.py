@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 
 from snapfs.protocol import state_dir
 
@@ -57,28 +58,55 @@ def identity_of(path: str) -> list[int]:
 
 
 class LiveState:
+    """The state directory of one SOURCE. Only a directory that this user
+    made (owned by it, writable by nobody else, not a symbolic link) is
+    used: SOURCE's directory may belong to someone else, who must not be able
+    to plant a state (or a log that is a link to some other file) there."""
+
     def __init__(self, source: str):
         self.dir = state_dir(source)
         self.file = os.path.join(self.dir, STATE_FILE)
         self.log = os.path.join(self.dir, LOG_FILE)
 
-    def make_dir(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+    def make_dir(self) -> bool:
+        """Make the directory unless it exists; whether it existed."""
+        try:
+            os.mkdir(self.dir, 0o700)
+            return False
+        except FileExistsError:
+            check_trusted(self.dir, directory=True)
+            return True
 
     def load(self) -> dict | None:
-        """What the last daemon left, or None (never ran, or stopped cleanly)."""
+        """What the last daemon left, or None (never ran, or stopped
+        cleanly); ValueError with one line if it cannot be used."""
         try:
-            with open(self.file) as f:
-                return json.load(f)
+            st = os.lstat(self.dir)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.file}: unreadable ({e})") from None
+        check_trusted(self.dir, directory=True, st=st)
+        try:
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ValueError(f"{self.file}: {e.strerror}") from None
+        with os.fdopen(fd) as f:
+            check_trusted(self.file, directory=False, st=os.fstat(f.fileno()))
+            try:
+                state = json.load(f)
+                _check_shape(state)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.file}: damaged ({e}); move it away to mount SOURCE "
+                                 "without bringing back its snapshots") from None
+        return state
 
     def save(self, state: dict) -> None:
         self.make_dir()
         temporary = self.file + ".new"
-        with open(temporary, "w") as f:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -92,3 +120,26 @@ class LiveState:
     def remove(self) -> None:
         """After a clean stop: nothing stays behind."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_trusted(path: str, directory: bool, st: os.stat_result | None = None) -> None:
+    """Refuse (ValueError, one line) what this user did not make itself."""
+    st = st or os.lstat(path)
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if not kind:
+        raise ValueError(f"{path}: exists and is not a {'directory' if directory else 'file'} "
+                         "snapfs made")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ValueError(f"{path}: not made by snapfs as this user (owner {st.st_uid}, "
+                         f"mode {stat.S_IMODE(st.st_mode):o}); not trusted, remove it")
+
+
+def _check_shape(state) -> None:
+    """Raise if the state is not what `LiveDaemon` writes."""
+    if not isinstance(state, dict) or not isinstance(state.get("snapshots"), list):
+        raise ValueError("no list of snapshots")
+    for entry in state["snapshots"]:
+        request = entry["request"]
+        if not (isinstance(request, dict) and isinstance(request["snapshot"], str)
+                and isinstance(request["target"], str) and isinstance(entry["times"], dict)):
+            raise ValueError("a snapshot's record is incomplete")
