@@ -288,9 +288,10 @@ images:
 - **several snapshots at once** (the "N snapshots at once" rows): snapfs runs
   `snapfs mount SOURCE LIVE` (the live disk alone), then N times `snapfs
   snapshot LIVE SNAPSHOTi --target TARGETi --sync none` (each snapshot served
-  by its own process); QEMU stacks N `copy-before-write` filters, each with its
-  own qcow2 target and `snapshot-access` export, the live disk on the top one.
-  Either way every first write to a cluster copies its old data into N targets;
+  by a process of its own); QEMU stacks N `copy-before-write` filters, each
+  with its own qcow2 target and `snapshot-access` export, the live disk on the
+  top one. Either way every first write to a cluster copies its old data into
+  N targets;
 - **a snapshot of a mounted live disk**: `snapfs snapshot --sync none` on a
   live disk from `snapfs mount SOURCE LIVE`; QEMU 7.2 cannot put a filter
   under a running export, so it takes one by image fleecing (what libvirt does
@@ -351,8 +352,11 @@ several snapshots; `take`: the snapshot of a mounted live disk).
   times may run up to 0.1 s late.
 - Start-up rows: `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET` until
   it returns (both mounts serve), on a sparse image; `snapfs snapshot` until it
-  returns. Each snapfs snapshot is served by a process of its own, a new
-  Python interpreter, whose start is part of both.
+  returns. Each snapfs snapshot is served by a process of its own (forked by
+  a spawner that the live process starts with it), whose start is part of
+  both. snapfs' peak memory is the sum of the VmHWM of the live process, the
+  spawner and the snapshot process: forked processes share pages, so the sum
+  is an upper bound.
 - The machine may be shared: the load average before and after the run is
   under "Machine"; treat differences within the spread of the samples as
   noise.

@@ -8,9 +8,13 @@ it: `mount_live` (`snapfs mount SOURCE LIVE`, the live disk alone) then
 as wanted, or `mount_with_snapshot` (`snapfs mount SOURCE LIVE SNAPSHOT
 --target T`, the live disk and one snapshot in one command). Each snapshot gets
 its own mount directory (snap, snap2, ...). The live process (`python -m
-snapfs.daemon`) serves the live disk; each snapshot is served by a child of it
-(`python -m snapfs.daemon.snapshot_server`). `cleanup` unmounts the live disk
-and every snapshot and stops every process, however the measure ended.
+snapfs.daemon`) serves the live disk; each snapshot is served by a process of
+its own, a descendant of the live process: forked by a spawner the live
+process forks before trio starts (so with the live process's command line), or,
+in the versions before the spawner, a new interpreter (`python -m
+snapfs.daemon.snapshot_server`). `status --json` gives every snapshot's pid.
+`cleanup` unmounts the live disk and every snapshot and stops every process,
+however the measure ended.
 """
 
 from __future__ import annotations
@@ -163,7 +167,10 @@ class SnapfsInstance:
         return pids + [p for p in with_status if p not in pids]
 
     def peak_rss(self) -> int:
-        """Sum of VmHWM of the live process and the snapshot processes."""
+        """Sum of VmHWM of the live process and its descendants (the spawner,
+        the snapshot processes). Forked processes share the pages they have
+        not written since the fork: the sum counts those once per process, an
+        upper bound."""
         return sum(vm_hwm(p) for p in self.processes())
 
     # --- stopping
@@ -223,9 +230,11 @@ class SnapfsInstance:
 
     def _find_pids(self, quiet: bool = False) -> list[int]:
         """Our processes when `snapfs mount` failed before we learnt their pid:
-        `python -m snapfs.daemon` (the live process) and `python -m
-        snapfs.daemon.snapshot_server` (a snapshot's) whose configuration names
-        a path in WORKDIR/snapfs (the live disk's or the snapshot's mount point).
+        `python -m snapfs.daemon` (the live process, its spawner and the
+        snapshot processes forked from it) and `python -m
+        snapfs.daemon.snapshot_server` (a snapshot's, before the spawner) whose
+        configuration names a path in WORKDIR/snapfs (the live disk's or the
+        snapshot's mount point).
         Processes in state D are left out (and named, unless `quiet`)."""
         pids, skipped = [], []
         for entry in os.listdir("/proc"):
