@@ -73,6 +73,42 @@ def snapfs_mount_containing(path: str) -> str | None:
     return None
 
 
+def loop_backing_files(path: str, depth: int = 8) -> list[str]:
+    """The files under the file system that holds `path`, if it lives on a
+    loop device (and so on, if that file's file system does too)."""
+    found = []
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return found
+    while depth > 0:
+        base = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}"
+        if os.path.exists(base + "/partition"):
+            base += "/.."
+        try:
+            with open(base + "/loop/backing_file", "rb") as f:
+                backing = os.fsdecode(f.read().rstrip(b"\n"))
+        except OSError:
+            return found
+        found.append(backing)
+        try:
+            device = os.stat(os.path.dirname(backing) or "/").st_dev
+        except OSError:
+            return found
+        depth -= 1
+    return found
+
+
+def snapfs_mount_beneath(path: str) -> str | None:
+    """The snapfs mount that `path` lies in, directly or because its file
+    system lives (through loop devices) on a file in it."""
+    for candidate in [path, *loop_backing_files(path)]:
+        point = snapfs_mount_containing(candidate)
+        if point:
+            return point
+    return None
+
+
 def _links_of(pid: str) -> list[str]:
     """The paths process `pid` holds: open files, working and root
     directories, mapped files."""

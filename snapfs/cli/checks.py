@@ -122,6 +122,11 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
     other = mounts.snapfs_mount_containing(target_dir)
     if other:
         raise UserError(f"target {args.target}: inside the snapfs mount {other}")
+    other = mounts.snapfs_mount_beneath(target_dir)
+    if other:
+        raise UserError(f"target {args.target}: its file system lives on a file in the snapfs "
+                        f"mount {other} (a loop device): copies before writes would wait on "
+                        "themselves")
     for path in (target, copymap_path(target)):
         if os.path.realpath(path) == os.path.realpath(source) or _same_file(path, source_st):
             raise UserError(f"target {args.target}: is the source")

@@ -169,6 +169,11 @@ class LiveDaemon:
             if mounts.inside(path, self.state.dir) or mounts.inside(self.state.dir, path):
                 raise UserError(f"{what} {path}: in or around the live disk's state directory "
                                 f"{self.state.dir}")
+        beneath = await trio.to_thread.run_sync(mounts.snapfs_mount_beneath,
+                                                os.path.dirname(request.target))
+        if beneath:
+            raise UserError(f"target {request.target}: on a file system in or on the snapfs "
+                            f"mount {beneath}")
         snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name, self.instance)
         await trio.to_thread.run_sync(snapshot.create)
         # The point in time: no checkpoint between the last write that
