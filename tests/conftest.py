@@ -3,6 +3,7 @@ mount a test makes is gone afterwards, whether the test passed or not."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -39,6 +40,40 @@ def random_bytes(size: int, seed: int) -> bytes:
 def write_image(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def write_at(path, offset: int, data: bytes) -> None:
+    """One pwrite of all of `data` at `offset`, as a program writing the disk would."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def fill(directory) -> None:
+    """Fill the file system of `directory` up with a file named filler."""
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tmpfs(point: Path, size: str):
+    """A tmpfs of `size` on `point` (made), for targets that run out of space;
+    unmounted afterwards whatever happened."""
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                   check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=True)
 
 
 def is_mounted(path) -> bool:

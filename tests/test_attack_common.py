@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SNAPFS, alive, random_bytes, write_image
+from conftest import SNAPFS, alive, random_bytes, write_at, write_image  # noqa: F401 (write_at: for the attack tests)
 from snapfs import mounts
 
 MiB = 1 << 20
@@ -150,14 +150,6 @@ def env(tmp_path):
         yield made
     finally:
         made.cleanup()
-
-
-def write_at(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-    finally:
-        os.close(fd)
 
 
 def files_below(root) -> set[str]:

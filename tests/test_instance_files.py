@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import SNAPFS, is_mounted, random_bytes, run_snapfs, write_image
+from conftest import SNAPFS, fill, is_mounted, random_bytes, run_snapfs, tmpfs, write_image
 
 MiB = 1 << 20
 CLUSTER = 64 << 10
@@ -103,20 +103,9 @@ def test_long_and_unusual_paths(tmp_path, letter):
 @pytest.fixture
 def full_fs(tmp_path):
     """A tmpfs with no room left: a sparse raw target fits, its copy map not."""
-    point = tmp_path / "full"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
-    try:
-        fd = os.open(point / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, bytes(4096)):
-                pass
-        except OSError:
-            pass
-        os.close(fd)
+    with tmpfs(tmp_path / "full", "1m") as point:
+        fill(point)
         yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=True)
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import SNAPFS, alive, is_mounted, random_bytes, run_snapfs, wait_until, write_image
+from conftest import SNAPFS, alive, fill, is_mounted, random_bytes, run_snapfs, tmpfs, wait_until, \
+    write_image
 
 MiB = 1 << 20
 CLUSTER = 64 << 10
@@ -501,11 +502,8 @@ def test_mounts_outlive_idle_worker_threads(tmp_path, mount):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB file system for targets that run out of space."""
-    point = tmp_path / "small"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=True)
+    with tmpfs(tmp_path / "small", "2m") as point:
+        yield point
 
 
 def test_full_target_fails_writes_not_the_snapshot(tmp_path, mount, small_fs):
@@ -548,13 +546,7 @@ def test_full_target_fails_writes_not_the_snapshot(tmp_path, mount, small_fs):
     # no room even for the copy map: refused in one line, nothing left behind
     for path in small_fs.iterdir():
         path.unlink()
-    filler = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(filler, bytes(4096)):
-            pass
-    except OSError:
-        pass
-    os.close(filler)
+    fill(small_fs)
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
     (tmp_path / "m3" / "live").mkdir(parents=True)
     (tmp_path / "m3" / "snap").mkdir()

@@ -18,20 +18,12 @@ from pathlib import Path
 import pytest
 
 from conftest import SNAPFS, alive, force_unmount, is_mounted, random_bytes, run_snapfs, \
-    wait_until, write_image
+    wait_until, write_at, write_image
 from snapfs.backup.copymap import CopyMap
 
 MiB = 1 << 20
 CLUSTER = 64 << 10
 MARK = b"SEQMARK:"
-
-
-def write_at(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-    finally:
-        os.close(fd)
 
 
 def status(path) -> dict:
