@@ -54,7 +54,10 @@ class Writer(threading.Thread):
                     return  # the daemon died: ENOTCONN
                 self.writes += 1
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:  # the daemon died: closing reports ENOTCONN too
+                pass
 
 
 SNAPSHOTS = [("s-full-4k-raw", ["--sync", "full", "--cluster-size", "4K", "--speed", "2M"]),
