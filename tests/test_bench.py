@@ -146,6 +146,14 @@ def benchlib(monkeypatch):
     return benchlib
 
 
+def test_notes_from_the_command_line(benchlib):
+    from benchlib.cli import parse_args
+
+    args = parse_args(["--note", "shared machine", "--note", "second"])
+    assert args.note == ["shared machine", "second"]
+    assert parse_args([]).note == []
+
+
 def test_report_rows_from_samples(benchlib):
     from benchlib.config import MiB, BenchConfig
     from benchlib.results import REFERENCE, Results

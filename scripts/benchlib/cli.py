@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"measure groups to run (default {','.join(GROUPS)})")
     parser.add_argument("--memory-disk", type=_size, default=TiB,
                         help="virtual size of the sparse disk for memory and start-up (1T)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a remark for the report's notes, e.g. what else ran on the "
+                             "machine (may be given more than once)")
     args = parser.parse_args(argv)
     args.size = args.size or (64 * MiB if args.quick else GiB)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                          quick=args.quick, groups=tuple(args.groups),
                          memory_disk=args.memory_disk)
     results = Results()
+    for text in args.note:
+        results.note(text)
     description = report.describe(config.workdir)
     load_before = os.getloadavg()
     started = time.monotonic()

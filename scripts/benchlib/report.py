@@ -315,7 +315,8 @@ image and 3 repetitions on 2 cores). Options: `--size 1G`,
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
 write,multi,copy,top,memory,take` to run part of it (`multi`: the rows with
-several snapshots; `take`: the snapshot of a mounted live disk).
+several snapshots; `take`: the snapshot of a mounted live disk), `--note TEXT`
+to add a remark to the notes (what else ran on the machine, say).
 
 ## How to read it
 
