@@ -349,8 +349,8 @@ to add a remark to the notes (what else ran on the machine, say).
 - snapfs' background copy times include its start-up (`snapfs mount` until
   `snapfs wait` returns); QEMU's start at `blockdev-backup`, with the daemon
   already running. The TOP ÷ FULL row leaves snapfs' start-up out, so that it
-  compares the copies alone. `snapfs wait` polls every 0.1 s: snapfs' copy
-  times may run up to 0.1 s late.
+  compares the copies alone. `snapfs wait` polls every 0.05 s: snapfs' copy
+  times may run up to 0.05 s late.
 - Start-up rows: `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET` until
   it returns (both mounts serve), on a sparse image; `snapfs snapshot` until it
   returns. Each snapfs snapshot is served by a process of its own (forked by
