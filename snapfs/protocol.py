@@ -30,7 +30,7 @@ import socket
 import struct
 from dataclasses import asdict, dataclass, fields
 
-SYNC_MODES = ("full", "top", "none")
+SYNC_MODES = ("full", "top", "none", "incremental")
 FSNAME_PREFIX = "snapfs:"
 #: the largest message either side accepts
 MAX_MESSAGE = 16 << 20
@@ -59,6 +59,8 @@ class SnapshotRequest(_Record):
     cluster_size: int = 64 * 1024
     speed: int | None = None
     force: bool = False
+    #: for incremental: the backup (its target) to build on; None: the last one
+    base: str | None = None
 
 
 @dataclass

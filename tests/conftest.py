@@ -76,6 +76,14 @@ def tmpfs(point: Path, size: str):
         subprocess.run(["umount", "-l", str(point)], check=True)
 
 
+def assert_nothing_left_beside(source, tracking: bool = False) -> None:
+    """After a clean stop: nothing stays beside SOURCE, but (with
+    `tracking`, after a completed backup) the change tracking."""
+    state = os.fsencode(source) + b".snapfs-live"
+    left = sorted(os.listdir(state)) if os.path.exists(state) else []
+    assert left == ([b"changes"] if tracking else []), f"left behind: {left}"
+
+
 def is_mounted(path) -> bool:
     return mounts.mount_type(str(path)) is not None
 

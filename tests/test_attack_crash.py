@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import alive, is_mounted, need, random_bytes, wait_until
+from conftest import alive, assert_nothing_left_beside, is_mounted, need, random_bytes, wait_until
 from test_attack_common import MiB, env, files_below, snapfs, status, write_at  # noqa: F401
 
 SIZE = 8 * MiB
@@ -117,7 +117,7 @@ def test_kill_9_mid_write_then_every_snapshot_comes_back_exact(env):
                     str(converted)], check=True)
     assert converted.read_bytes() == oracles["s-top-1m-qcow2"]
     assert snapfs("umount", live).returncode == 0
-    assert not source.with_name("disk.img.snapfs-live").exists()
+    assert_nothing_left_beside(source, tracking=True)  # the completed FULLs
 
 
 def test_full_target_among_several_snapshots(env):

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 
-from conftest import alive, is_mounted, random_bytes, wait_until
+from conftest import alive, assert_nothing_left_beside, is_mounted, random_bytes, wait_until
 from test_attack_common import MiB, env, snapfs, status, write_at  # noqa: F401
 
 
@@ -44,7 +44,7 @@ def test_names_with_dashes_newlines_tabs_escapes_and_bad_bytes(env):
     assert not is_mounted(s(live)) and not is_mounted(s(snap))
     with open(target, "rb") as f:
         assert f.read() == data
-    assert not os.path.exists(source + b".snapfs-live")
+    assert_nothing_left_beside(source, tracking=True)
 
 
 def test_state_dir_renamed_while_mounted_then_kill_9(env):

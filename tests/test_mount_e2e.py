@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import SNAPFS, alive, fill, is_mounted, random_bytes, run_snapfs, tmpfs, wait_until, \
+from conftest import SNAPFS, alive, assert_nothing_left_beside, fill, is_mounted, random_bytes, run_snapfs, tmpfs, wait_until, \
     write_image
 
 MiB = 1 << 20
@@ -346,7 +346,7 @@ def test_fusermount_of_the_live_mount_stops_everything(tmp_path, mount):
     assert source.read_bytes()[:8] == b"new data"
     target = inst.target.read_bytes()
     assert target[:CLUSTER] == original[:CLUSTER], "TARGET flushed with the old data"
-    assert not (tmp_path / "disk.img.snapfs-live").exists(), "state left behind"
+    assert_nothing_left_beside(source)  # the FULL did not complete: no checkpoint
 
 
 def test_fusermount_of_a_snapshot_releases_it_alone(tmp_path, mount):

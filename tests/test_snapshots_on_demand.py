@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SNAPFS, alive, force_unmount, is_mounted, random_bytes, run_snapfs, \
+from conftest import SNAPFS, alive, assert_nothing_left_beside, force_unmount, is_mounted, random_bytes, run_snapfs, \
     wait_until, write_at, write_image
 from snapfs.backup.copymap import CopyMap
 
@@ -155,7 +155,7 @@ def test_snapshots_come_and_go_while_the_live_disk_stays(tmp_path, disk):
         assert result.returncode == 1 and "has 2 snapshots" in result.stderr, result.stderr
     d.umount()
     assert d.source.read_bytes() == bytes(model)
-    assert not (tmp_path / "disk.img.snapfs-live").exists()
+    assert_nothing_left_beside(d.source, tracking=True)  # the completed FULL
 
 
 def test_eight_snapshots_at_once(tmp_path, disk):
@@ -348,4 +348,5 @@ def test_snapshots_come_back_after_the_daemon_dies(tmp_path, disk, problem):
         run_snapfs("release", none)  # a failed one goes away on request
         assert str(none) not in {s["snapshot_dir"] for s in status(d.live_dir)["snapshots"]}
     d.umount()
-    assert not (tmp_path / "disk.img.snapfs-live").exists()
+    # the FULL completed, unless it could not be brought back
+    assert_nothing_left_beside(d.source, tracking=problem != "machine restarted")

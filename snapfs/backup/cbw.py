@@ -9,6 +9,8 @@ and only then writes the source. The old data is read from the source once per
 write, whatever the number of stores that need it. The background jobs copy
 through `copy`, claiming the clusters they are copying in their store, so that
 a write to them waits for the copy instead of copying them a second time.
+Before any of that, a write makes sure change tracking (backup/changes.py)
+has durably recorded the clusters it changes.
 
 Concurrency model: everything here runs in the live process's trio thread,
 except `copy`, which a background job runs in a worker thread on clusters it
@@ -24,14 +26,16 @@ import threading
 
 import trio
 
+from snapfs.backup.changes import ChangeTracker
 from snapfs.backup.store import Claim, Store
 from snapfs.image.base import Image
 
 
 class CopyBeforeWrite:
-    def __init__(self, source: Image):
+    def __init__(self, source: Image, tracker: ChangeTracker | None = None):
         self.source = source
         self.size = source.size
+        self.tracker = tracker
         self.stores: list[Store] = []
         self._buffers = threading.local()
 
@@ -51,9 +55,18 @@ class CopyBeforeWrite:
         if not data:
             return  # touches no cluster, wherever it starts
         end = offset + len(data)
-        while (claim := self._claim_overlapping(offset, end)) is not None:
-            await claim.done.wait()
-        # From here to the end there is no checkpoint: the clusters are ours.
+        tracker = self.tracker
+        while True:  # until a pass finds nothing to wait for
+            if tracker is not None and not tracker.ready(offset, end):
+                await tracker.track(offset, end)  # the change is durable first
+                continue
+            claim = self._claim_overlapping(offset, end)
+            if claim is not None:
+                await claim.done.wait()
+                continue
+            break
+        # From here to the end there is no checkpoint: the clusters are ours,
+        # and no boundary of change tracking can come in between.
         self._save_old_data(offset, end)
         self.source.write(offset, data)
 

@@ -3,7 +3,9 @@
 - full: every cluster of the image;
 - top: the clusters that hold data in the source's topmost layer (for a raw
   file, its allocated extents), as they were when the job started;
-- none: nothing (the job only reports; copy-before-write does all the work).
+- none: nothing (the job only reports; copy-before-write does all the work);
+- incremental: the clusters change tracking says changed since the base
+  backup (`changed`, one bit per `changed_granularity` bytes).
 
 The job walks the clusters in order: each of its COPY_WORKERS tasks claims the
 next run of clusters that are neither copied nor claimed, copies it in a
@@ -44,7 +46,8 @@ MAX_ERROR_CHARS = 500
 
 class BackupJob:
     def __init__(self, engine: CopyBeforeWrite, store: Store, sync: str,
-                 speed: int | None = None, chunk_bytes: int = CHUNK_BYTES):
+                 speed: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 changed: int = 0, changed_granularity: int = 1):
         """Plans the copy: for top, what the source's top layer holds now (the
         caller makes this the snapshot's point in time)."""
         if sync not in SYNC_MODES:
@@ -61,6 +64,7 @@ class BackupJob:
         if speed:
             chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
         self._max_clusters = max(1, chunk_bytes // store.cluster_size)
+        self._changed = (changed, changed_granularity)
         self._runs = self._cluster_runs()
         self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
                                for i in range(0, len(self._runs), 2))
@@ -74,9 +78,11 @@ class BackupJob:
         runs = array.array("Q")
         if self.sync == "full":
             runs.extend((0, store.clusters))
-        elif self.sync == "top":
+        elif self.sync in ("top", "incremental"):
             cs = store.cluster_size
-            for start, end in self.engine.source.data_extents(0, store.size):
+            extents = (self.engine.source.data_extents(0, store.size) if self.sync == "top"
+                       else _set_extents(*self._changed, store.size))
+            for start, end in extents:
                 first, stop = start // cs, -(-end // cs)
                 if runs and runs[-1] >= first:  # touches the previous run
                     runs[-1] = max(runs[-1], stop)
@@ -201,6 +207,19 @@ class BackupJob:
                 return None
             self._paid += self._run_bytes(*found)
             return self.store.claim(*found)
+
+
+def _set_extents(value: int, granularity: int, size: int):
+    """Yield the byte ranges (start, end) of the set bits of `value` (bit i:
+    bytes [i * granularity, (i+1) * granularity))."""
+    c = 0
+    while value >> c:
+        rest = value >> c
+        c += (rest & -rest).bit_length() - 1  # the next set bit
+        ones = ~(value >> c)
+        stop = c + (ones & -ones).bit_length() - 1  # the next clear bit after it
+        yield c * granularity, min(stop * granularity, size)
+        c = stop
 
 
 def _describe(error: BaseException) -> str:

@@ -136,9 +136,21 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
             if not os.path.isfile(path):
                 raise UserError(f"target {path}: exists and is not a regular file")
             filelock.check_free(path, "target")
+    target_format = args.target_format or source_format
+    base = None
+    if args.sync == "incremental":
+        if target_format != "qcow2":
+            raise UserError("an incremental backup needs --target-format qcow2 (its backing "
+                            "file is the backup it builds on)")
+        if args.base is not None:
+            base = os.path.realpath(args.base)
+            if not os.path.isfile(base):
+                raise UserError(f"base {args.base}: no such backup")
+    elif args.base is not None:
+        raise UserError("--base goes with --sync incremental")
     return SnapshotRequest(snapshot=snapshot, target=target, sync=args.sync,
-                           target_format=args.target_format or source_format,
-                           cluster_size=args.cluster_size, speed=args.speed, force=args.force)
+                           target_format=target_format, cluster_size=args.cluster_size,
+                           speed=args.speed, force=args.force, base=base)
 
 
 def _same_file(path: str, st: os.stat_result | None) -> bool:

@@ -57,7 +57,7 @@ def cmd_release(args) -> int:
     return 0
 
 
-# --- status, wait, cancel -------------------------------------------------
+# --- status, wait, cancel, changes ----------------------------------------
 
 def cmd_status(args) -> int:
     where = client.locate(args.path)
@@ -71,8 +71,14 @@ def cmd_status(args) -> int:
     if where.kind == "live":
         lines = [f"live:      {info['live']}",
                  f"source:    {info['source']} ({info['format']}, {human(info['size'])})",
-                 f"daemon:    pid {info['pid']}",
-                 f"snapshots: {len(info['snapshots'])}"]
+                 f"daemon:    pid {info['pid']}"]
+        if info["bytes_changed"] is not None:
+            lines.append(f"changed:   {human(info['bytes_changed'])} since the last completed "
+                         f"backup ({info['checkpoints'][-1]['target']})")
+        elif info["change_tracking_reset"]:
+            lines.append(f"changed:   unknown ({info['change_tracking_reset']}); the next "
+                         "backup must be a full one")
+        lines.append(f"snapshots: {len(info['snapshots'])}")
         for snap in info["snapshots"]:
             lines += [""] + _snapshot_lines(snap)
     else:
@@ -84,7 +90,7 @@ def cmd_status(args) -> int:
 def _snapshot_lines(info: dict) -> list[str]:
     lines = [f"snapshot:  {info['snapshot']}",
              f"state:     {info['state']}" + (f" ({info['error']})" if info["error"] else ""),
-             f"sync:      {info['sync']}"]
+             f"sync:      {info['sync']}" + (f" (on {info['base']})" if info["base"] else "")]
     if info["sync"] != "none":
         total = info["bytes_total"]
         percent = 100 * info["bytes_done"] / total if total else 100.0
@@ -93,6 +99,22 @@ def _snapshot_lines(info: dict) -> list[str]:
               f"{human(info['cluster_size'])} copied before a write",
               f"target:    {info['target']}"]
     return lines
+
+
+def cmd_changes(args) -> int:
+    where = client.locate(args.snapshot)
+    if where.kind != "snapshot":
+        raise UserError(f"{args.snapshot}: not a snapshot")
+    info = client.request(where.instance, "changes", snapshot=where.point)
+    changed = [e for e in info["extents"] if e["changed"]]
+    if args.json:
+        print(json.dumps(info["extents"], indent=2))
+        return 0
+    print(f"base:    {info['base']}")
+    print(f"changed: {human(sum(e['length'] for e in changed))} in {len(changed)} extents")
+    for extent in changed:
+        print(f"{extent['start']:>16} {extent['length']:>14}")
+    return 0
 
 
 def cmd_wait(args) -> int:
@@ -149,4 +171,4 @@ def cmd_umount(args) -> int:
 
 
 COMMANDS = {"mount": cmd_mount, "snapshot": cmd_snapshot, "release": cmd_release,
-            "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel, "umount": cmd_umount}
+            "changes": cmd_changes, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel, "umount": cmd_umount}

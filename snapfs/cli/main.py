@@ -58,6 +58,9 @@ def _snapshot_options(parser: argparse.ArgumentParser, target_required: bool) ->
                         help="limit of the background copy in bytes/s (K/M/G suffixes)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing TARGET (never one a running instance holds)")
+    parser.add_argument("--base", metavar="BACKUP",
+                        help="with --sync incremental: the completed backup (its target) to "
+                             "build on, instead of the last one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--lazy", action="store_true",
                          help="detach SNAPSHOT even while in use; it ends when its last "
                               "user lets go")
+
+    changes = commands.add_parser("changes", help="list what an incremental snapshot copies")
+    changes.add_argument("snapshot", metavar="SNAPSHOT")
+    changes.add_argument("--json", action="store_true",
+                         help="print the extents as qemu-img map --output=json does")
 
     status = commands.add_parser("status", help="show a live disk and its snapshots, or one "
                                                 "snapshot")

@@ -43,7 +43,7 @@ def check_mount_args(args) -> LiveConfig:
         options = [option for option, value in (
             ("--target", args.target), ("--target-format", args.target_format),
             ("--sync", args.sync != "full"), ("--cluster-size", args.cluster_size != 64 << 10),
-            ("--speed", args.speed), ("--force", args.force)) if value]
+            ("--speed", args.speed), ("--force", args.force), ("--base", args.base)) if value]
         if options:
             raise UserError(f"{options[0]} is an option of a snapshot: give SNAPSHOT too, or "
                             "take one later with snapfs snapshot")

@@ -91,6 +91,8 @@ async def _dispatch(daemon, request: dict) -> dict:
         snapshot.job.cancel()
         await snapshot.job.finished.wait()
         return protocol.ok(snapshot.status())
+    if command == "changes":
+        return protocol.ok(daemon.changes(request["snapshot"]))
     if command == "umount":
         await daemon.umount(bool(request.get("lazy")))
         return protocol.ok({"pid": daemon.status()["pid"]})

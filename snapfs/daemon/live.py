@@ -31,15 +31,17 @@ import trio
 
 from snapfs import filelock, mounts, protocol
 from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.copymap import CopyMap
+from snapfs.backup.changes import GRANULARITY, ChangeTracker, extents, source_record
 from snapfs.daemon.control_server import serve_control
 from snapfs.daemon.snapshot import Snapshot
 from snapfs.daemon.spawner import Spawner
-from snapfs.daemon.state import LiveState, identity
+from snapfs.daemon.state import LiveState, boot_id, identity, identity_of
 from snapfs.errors import UserError
 from snapfs.fuse.live import LiveOperations
 from snapfs.image import open_image
 from snapfs.image.base import Image
-from snapfs.protocol import LiveConfig, Readiness, SnapshotRequest, fsname
+from snapfs.protocol import LiveConfig, Readiness, SnapshotRequest, copymap_path, fsname
 
 log = logging.getLogger("snapfs")
 
@@ -47,6 +49,10 @@ log = logging.getLogger("snapfs")
 MAX_SNAPSHOTS = 32
 #: how long commands being answered may hold up the stop
 HANDLER_GRACE = 10
+#: the change tracking's directory in the state directory
+CHANGES_DIR = "changes"
+#: how often the quiet watcher looks (and the heartbeat at most)
+QUIET_CHECK_SECONDS = 1.0
 
 
 def mount_options(instance: str) -> set[str]:
@@ -64,6 +70,7 @@ class LiveDaemon:
         self.snapshots: list[Snapshot] = []
         self.source: Image | None = None
         self.engine: CopyBeforeWrite | None = None
+        self.tracker: ChangeTracker | None = None
         self.stopping = False  # no new snapshots
         self.forced = False  # a signal: end snapshots at once
         self._nursery: trio.Nursery | None = None
@@ -86,11 +93,18 @@ class LiveDaemon:
             for fd in (self._lifeline_read, self._lifeline_write):
                 stack.callback(os.close, fd)
             stack.callback(self.spawner.close)
-            self.engine = CopyBeforeWrite(self.source)
             try:
                 previous = self.state.load()
+                self.state.make_dir()
             except (ValueError, OSError) as e:
                 raise UserError(str(e)) from None
+            self.tracker = await trio.to_thread.run_sync(
+                ChangeTracker.open, os.path.join(self.state.dir, CHANGES_DIR), self.source.size,
+                self._source_record)
+            stack.callback(self.tracker.close)
+            if self.tracker.invalid:
+                log.warning("change tracking: %s", self.tracker.invalid)
+            self.engine = CopyBeforeWrite(self.source, self.tracker)
             async with trio.open_nursery() as handlers:  # the commands being answered
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -103,8 +117,10 @@ class LiveDaemon:
                 # the answers still being sent get a moment, no more
                 handlers.cancel_scope.deadline = trio.current_time() + HANDLER_GRACE
             self.source.flush()
-        if not self.snapshots:
-            self.state.remove()
+            if self.tracker.boundaries:  # what SOURCE looks like at this clean stop
+                self.tracker.record_quiet(clean=True)
+        if not self.snapshots:  # nothing to bring back: only change tracking stays
+            self.state.remove(keep=(CHANGES_DIR,) if self.tracker.boundaries else ())
 
     async def _serve(self, nursery: trio.Nursery, handlers: trio.Nursery,
                      previous: dict | None) -> None:
@@ -121,6 +137,7 @@ class LiveDaemon:
         try:
             nursery.start_soon(self._stop_on_signal)
             nursery.start_soon(self._terminate_when_stop_requested)
+            nursery.start_soon(self._watch_quiet)
             self.readiness.ready(warnings=warnings)
             log.info("serving %s (live)", os.path.join(cfg.live, cfg.name))
             await pyfuse3.main()
@@ -137,6 +154,22 @@ class LiveDaemon:
                 log.info("stopping: signal %s", signal.Signals(signum).name)
                 self.forced = True
                 self._stop_requested.set()
+
+    async def _watch_quiet(self) -> None:
+        """While writes go on, a heartbeat each second; once they stop, a
+        record of SOURCE (see backup/changes.py)."""
+        tracker = self.tracker
+        while True:
+            await trio.sleep(QUIET_CHECK_SECONDS)
+            if not tracker.boundaries:
+                continue
+            if tracker.quiet_due:
+                await trio.to_thread.run_sync(tracker.record_quiet)
+            elif tracker.writing:
+                tracker.write_heartbeat()
+
+    def _source_record(self) -> dict:
+        return source_record(self.source.fd, identity(self.source.fd), boot_id())
 
     async def _terminate_when_stop_requested(self) -> None:
         await self._stop_requested.wait()
@@ -174,16 +207,58 @@ class LiveDaemon:
         if beneath:
             raise UserError(f"target {request.target}: on a file system in or on the snapfs "
                             f"mount {beneath}")
-        snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name, self.instance)
+        snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name, self.instance,
+                            self.tracker)
+        if request.sync == "incremental":
+            snapshot.base = await trio.to_thread.run_sync(self._base_for, request)
         await trio.to_thread.run_sync(snapshot.create)
+        if snapshot.is_checkpoint:
+            await trio.to_thread.run_sync(self.tracker.make_spare)
         # The point in time: no checkpoint between the last write that
         # returned and here (writes run in this thread and never await after
-        # their last look at the stores).
+        # their last look at the stores and at change tracking).
         snapshot.begin(self.engine)
         await self._start(snapshot)
+        if snapshot.is_checkpoint:
+            await trio.to_thread.run_sync(self.tracker.save)
         log.info("snapshot %s taken: target %s, sync %s", snapshot.file, request.target,
                  request.sync)
         return snapshot
+
+    def _base_for(self, request: SnapshotRequest) -> dict:
+        """The checkpoint an incremental builds on, checked: `request.base`
+        (a backup's target) or the last one. UserError if there is none."""
+        tracker = self.tracker
+        if request.target_format != "qcow2":
+            raise UserError("an incremental backup needs --target-format qcow2 (its backing "
+                            "file is the backup it builds on)")
+        if request.base is None:
+            base = tracker.last_checkpoint()
+            if base is None:
+                why = f" ({tracker.invalid})" if tracker.invalid else ""
+                raise UserError(f"no completed backup of {self.cfg.live} to build on{why}: "
+                                "take a full backup first")
+        else:
+            base = next((b for b in tracker.boundaries if b["backup"]["target"] == request.base
+                         and b["state"] == "checkpoint"), None)
+            if base is None:
+                raise UserError(f"base {request.base}: not a completed backup of this live disk "
+                                "that change tracking still knows")
+        backup = base["backup"]
+        try:
+            found = identity_of(backup["target"])
+            copymap = CopyMap.open(copymap_path(backup["target"]))
+        except (OSError, ValueError) as e:
+            raise UserError(f"base {backup['target']}: {e}; take a full backup") from None
+        try:
+            if (found != backup["target_id"] or copymap.info.get("id") != base["id"]
+                    or copymap.info.get("state") != "completed"):
+                raise UserError(f"base {backup['target']}: not the completed backup that was "
+                                "taken there (replaced or changed); take a full backup")
+        finally:
+            copymap.close()
+        return {"id": base["id"], "target": backup["target"],
+                "target_format": backup["target_format"]}
 
     async def _start(self, snapshot: Snapshot) -> None:
         self.snapshots.append(snapshot)
@@ -272,7 +347,7 @@ class LiveDaemon:
         for saved in previous.get("snapshots", []):
             request = SnapshotRequest.from_dict(saved["request"])
             snapshot = Snapshot(request, self.source, self.cfg.format, self.cfg.name,
-                                self.instance)
+                                self.instance, self.tracker)
             try:
                 self._clear_dead_mount(request.snapshot, previous.get("instance"))
                 await trio.to_thread.run_sync(snapshot.reopen, saved)
@@ -286,8 +361,24 @@ class LiveDaemon:
                 self.snapshots.append(snapshot)
                 warnings.append(f"snapshot {request.snapshot} {snapshot.failure}")
                 log.error("snapshot %s %s", request.snapshot, snapshot.failure)
+        await self._settle_boundaries()
         await self._save_state()
         return warnings
+
+    async def _settle_boundaries(self) -> None:
+        """After bringing snapshots back: a boundary whose backup is not
+        running any more gives its changes back; one whose job completed
+        before the crash is a checkpoint."""
+        running = {s.id: s for s in self.snapshots if s.failure is None}
+        for boundary in list(self.tracker.boundaries):
+            if boundary["state"] != "pending":
+                continue
+            snapshot = running.get(boundary["id"])
+            if snapshot is None:
+                self.tracker.abandon(boundary["id"])
+            elif snapshot.job.state != "running":
+                await snapshot.settle_checkpoint()
+        await trio.to_thread.run_sync(self.tracker.save)
 
     @staticmethod
     def _clear_dead_mount(point: str, instance: str | None) -> None:
@@ -331,5 +422,21 @@ class LiveDaemon:
             "pid": os.getpid(),
             "started": self.started_at,
             "state_dir": self.state.dir,
+            "bytes_changed": self.tracker.bytes_changed(),
+            "checkpoints": [{"target": b["backup"]["target"], "sync": b["backup"]["sync"],
+                             "created": b["backup"]["created"]}
+                            for b in self.tracker.boundaries if b["state"] == "checkpoint"],
+            "change_tracking_reset": self.tracker.invalid,
             "snapshots": [s.status() for s in self.snapshots],
         }
+
+    def changes(self, mountpoint: str) -> dict:
+        """What an incremental snapshot copies: the extents changed since its
+        base, as `qemu-img map --output=json` lists extents."""
+        snapshot = self.find(mountpoint)
+        if snapshot.changed is None:
+            raise UserError(f"{mountpoint}: not an incremental backup (snapfs changes lists what "
+                            "an incremental copies)")
+        return {"base": snapshot.base["target"], "granularity": GRANULARITY,
+                "extents": extents(snapshot.changed, self.tracker.clusters, GRANULARITY,
+                                   self.source.size)}

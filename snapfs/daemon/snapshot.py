@@ -32,6 +32,7 @@ import trio
 
 from snapfs import filelock, mounts
 from snapfs.backup.cbw import CopyBeforeWrite
+from snapfs.backup.changes import GRANULARITY, ChangeTracker
 from snapfs.backup.copymap import CopyMap
 from snapfs.backup.job import BackupJob
 from snapfs.backup.store import Store
@@ -53,8 +54,13 @@ STOP_TIMEOUT = 30
 
 class Snapshot:
     def __init__(self, request: SnapshotRequest, source: Image, source_format: str,
-                 name: str, instance: str):
+                 name: str, instance: str, tracker: ChangeTracker | None = None):
         self.request = request
+        self.tracker = tracker
+        #: for an incremental: the checkpoint it builds on (id, target, format)
+        self.base: dict | None = None
+        #: for an incremental: what it copies (bit i: GRANULARITY bytes)
+        self.changed: int | None = None
         self.source = source
         self.source_format = source_format
         self.target_format = request.target_format or source_format
@@ -83,9 +89,10 @@ class Snapshot:
         with --force and if no running instance holds it)."""
         req = self.request
         try:
+            base = (self.base["target"], self.base["target_format"]) if self.base else None
             target = self._make(req.target, "target", lambda: create_target(
                 req.target, self.source, self.source_format, self.target_format, req.sync,
-                req.cluster_size, overwrite=req.force))
+                req.cluster_size, overwrite=req.force, base=base))
             copymap = self._make(copymap_path(req.target), "copy map", lambda: CopyMap.create(
                 copymap_path(req.target), self.source.size, req.cluster_size,
                 {"source": self.source.path, "target": req.target, "format": self.source_format,
@@ -158,6 +165,7 @@ class Snapshot:
         self.store = Store(target, copymap)
         self.created = saved.get("created", self.created)
         self.times = times_from(saved["times"])
+        self.base = saved.get("base")
 
     def discard(self) -> None:
         """After a start that failed: close and remove what `create` made."""
@@ -175,22 +183,50 @@ class Snapshot:
                 "target_id": identity(store.target.fd),
                 "copymap_id": identity(store.copymap.fd),
                 "copymap_key": store.copymap.info.get("id"),
-                "created": self.created, "times": _stat_to(self.times)}
+                "created": self.created, "times": _stat_to(self.times), "base": self.base}
 
     # --- the point in time ----------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The snapshot's random id (in its copy map's header): also the id of
+        its boundary in change tracking."""
+        return self.store.copymap.info["id"]
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """Whether the backup can become a base for incremental ones: its
+        target, once complete, holds the whole image by itself or with its
+        backing chain."""
+        req = self.request
+        return (req.sync in ("full", "incremental")
+                or (req.sync == "top" and self.target_format == "qcow2"))
 
     def begin(self, engine: CopyBeforeWrite) -> None:
         """Make now the point in time (for a new snapshot), or go on from
         where the copy map stands (for one brought back). Must run in the trio
         thread with no checkpoint between the caller's last look at the
         source and here: from the return on, every write saves old data for
-        this snapshot."""
-        req = self.request
-        self.job = BackupJob(engine, self.store, req.sync, req.speed)
+        this snapshot, and records its changes after this snapshot's
+        boundary. For a new checkpoint, `tracker.make_spare` must have run."""
+        req, tracker = self.request, self.tracker
         info = self.store.copymap.info
+        brought_back = self.times is not None
+        if req.sync == "incremental":
+            until = self.id if brought_back else None
+            if tracker is None or tracker.find(self.base["id"]) is None or (
+                    brought_back and tracker.find(self.id) is None):
+                raise UserError("change tracking no longer knows what changed since its base")
+            self.changed = tracker.changed_since(self.base["id"], until)
+        self.job = BackupJob(engine, self.store, req.sync, req.speed, changed=self.changed or 0,
+                             changed_granularity=GRANULARITY)
         if info.get("state", "running") != "running":  # ended before the crash
             self.job.ended(info["state"], info.get("error"))
-        if self.times is None:
+        if tracker is not None and self.is_checkpoint and not brought_back:
+            tracker.add_boundary(self.id, {
+                "target": req.target, "target_format": self.target_format, "sync": req.sync,
+                "target_id": identity(self.store.target.fd), "created": self.created})
+        if not brought_back:
             self.times = self.source.stat()
         engine.add(self.store)
 
@@ -243,6 +279,19 @@ class Snapshot:
         # from here.
         copymap.write_info(state=job.state, error=job.error, bytes_done=job.bytes_done,
                            bytes_total=job.bytes_total)
+        await self.settle_checkpoint()
+
+    async def settle_checkpoint(self) -> None:
+        """Its job ended: a completed backup becomes a checkpoint; one that did
+        not complete gives its changes back to the next backup."""
+        tracker = self.tracker
+        if tracker is None or tracker.find(self.id) is None:
+            return
+        if self.job.state == "completed":
+            tracker.complete(self.id)
+        else:
+            tracker.abandon(self.id)
+        await trio.to_thread.run_sync(tracker.save)
 
     async def release(self, lazy: bool = False) -> None:
         """Unmount the snapshot (refused while busy, unless `lazy`); it ends
@@ -347,7 +396,17 @@ class Snapshot:
             "pid": self.process.pid if self.process else None,
             "created": self.created,
             "releasing": self.releasing,
+            "base": self.base["target"] if self.base else None,
+            "checkpoint": self._checkpoint_state(),
         }
+
+    def _checkpoint_state(self) -> str | None:
+        """`pending` while it may become a base for incremental backups,
+        `checkpoint` once it is one, None if it never will."""
+        if self.tracker is None or self.store is None:
+            return None
+        boundary = self.tracker.find(self.id)
+        return boundary["state"] if boundary else None
 
 
 async def _read_readiness(fd: int, timeout: float) -> str | None:

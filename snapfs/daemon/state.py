@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 
 from snapfs.protocol import state_dir
 
@@ -64,6 +65,7 @@ class LiveState:
     to plant a state (or a log that is a link to some other file) there."""
 
     def __init__(self, source: str):
+        self._saving = threading.Lock()  # saves run in worker threads
         self.dir = state_dir(source)
         self.file = os.path.join(self.dir, STATE_FILE)
         self.log = os.path.join(self.dir, LOG_FILE)
@@ -102,6 +104,10 @@ class LiveState:
         return state
 
     def save(self, state: dict) -> None:
+        with self._saving:
+            self._save(state)
+
+    def _save(self, state: dict) -> None:
         self.make_dir()
         temporary = self.file + ".new"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
@@ -117,9 +123,19 @@ class LiveState:
         finally:
             os.close(fd)
 
-    def remove(self) -> None:
-        """After a clean stop: nothing stays behind."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def remove(self, keep: tuple[str, ...] = ()) -> None:
+        """After a clean stop: nothing stays behind but what `keep` names
+        (change tracking that outlives the mount)."""
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for name in os.listdir(self.dir):
+            if name not in keep:
+                path = os.path.join(self.dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
 
 
 def check_trusted(path: str, directory: bool, st: os.stat_result | None = None) -> None:

@@ -1,0 +1,419 @@
+"""Change tracking: which clusters of the live disk changed since each backup.
+
+Time is cut by *boundaries*, one per backup that may become a base for
+incremental ones (a FULL, a TOP into qcow2, an incremental): its point in
+time. Between two boundaries, and after the last one, a *segment* records
+the clusters that writes changed, one bit per `GRANULARITY` bytes: segment i
+holds the changes from boundary i to boundary i+1, the last segment (the
+active one) those since the last boundary. What changed since boundary j is
+the union of the segments from j on. A boundary is `pending` while its backup
+runs, a `checkpoint` once its job completed; a backup that is cancelled,
+fails or ends before completing takes its boundary away, and its segment is
+merged into the one before (as QEMU's bitmap-mode on-success): the next
+incremental still sees those changes. Before the first boundary nothing is
+tracked (there is nothing to be incremental to), so a live disk that never
+had a backup pays nothing.
+
+The rule: a cluster's bit is durable before the first write to it since the
+last boundary can reach SOURCE. `CopyBeforeWrite.write` asks `ready` (no
+checkpoint) before it writes, and awaits `track` until it is: `track` sets
+the bits and syncs them (msync) in a worker thread, so the cost is one sync
+per newly changed cluster, never per write. A write sets and syncs exactly
+the bits of the clusters it touches, except that a write that starts where the last tracked one ended (a
+sequential writer) also gets the bits of the next `SEQUENTIAL_BATCH` clusters
+at once. The bits may say more than changed (the unwritten end of the last
+batch), never less.
+
+Files, in the live disk's state directory (`changes/`): `index.json` (the
+boundaries, the segments' files, the SOURCE record below), one bitmap file
+per segment, and a spare segment made ahead of time, so that a boundary can
+be added at the point in time without any I/O. `index.json` is replaced
+atomically. A crash between a boundary and the index that records it leaves
+bits in the spare: they are merged into the active segment when the index is
+next read (more than changed, never less).
+
+What SOURCE looked like (`seen`): every save of the index records SOURCE's
+identity, size and times, and the index is saved whenever the disk has had no
+write for a second and at a clean stop; a heartbeat file notes the time
+every second while writes go on. At the next start, SOURCE must match the
+record, or (after a daemon that died on this same boot, while writing) have
+changed no later than its last heartbeat allows; otherwise something wrote
+it while no snapfs instance had it mounted, and every boundary is dropped
+(`invalid` says why): the next backup must be a full one. (A write by
+another program within two seconds of the daemon's death cannot be told from
+the daemon's own last writes.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+
+import trio
+from typing import Callable
+
+from snapfs.backup.bitmap import ClusterBitmap
+
+#: bytes per bit of change tracking
+GRANULARITY = 64 << 10
+#: how far ahead a sequential writer's bits are set and synced at once (4 MiB):
+#: the cost of a sync is paid once per batch, and at most the end of the last
+#: batch of a sequential run is reported changed without being written
+SEQUENTIAL_BATCH = 64
+#: boundaries kept at most; older checkpoints are merged away
+MAX_BOUNDARIES = 16
+#: how long after a write SOURCE counts as quiet
+QUIET_SECONDS = 1.0
+#: slack between the last heartbeat and SOURCE's ctime after a daemon died
+HEARTBEAT_SLACK_NS = 2_000_000_000
+
+INDEX = "index.json"
+HEARTBEAT = "heartbeat"
+
+
+class ChangeMap(ClusterBitmap):
+    MAGIC = b"SNAPFS-CHANGES\n"
+    KIND = "change map"
+
+
+def source_record(fd: int, identity: list[int], boot: str) -> dict:
+    st = os.fstat(fd)
+    return {"identity": identity, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "boot_id": boot}
+
+
+class ChangeTracker:
+    def __init__(self, directory: str, size: int, record: Callable[[], dict]):
+        self.dir = directory
+        self.size = size
+        self._record = record
+        self.clusters = -(-size // GRANULARITY)
+        self.boundaries: list[dict] = []  # {"id", "state", "backup": {...}}
+        self.segments: list[ChangeMap] = []  # one per boundary
+        self.spare: ChangeMap | None = None
+        self.invalid: str | None = None  # why tracking was reset, until a new checkpoint
+        self._syncing: list[tuple[int, int, trio.Event, ChangeMap]] = []
+        self._retired: list[ChangeMap] = []  # removed, closed once no sync uses them
+        self._sequential_end = -1  # where the last tracked write ended (cluster)
+        self._saving = threading.Lock()  # saves run in worker threads
+        self._last_write = 0.0
+        self._quiet_recorded = True
+
+    # --- opening and saving ---------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str, size: int, record: Callable[[], dict]) -> "ChangeTracker":
+        """The tracker of the live disk whose state directory holds
+        `directory`; `record()` describes SOURCE now (`source_record`), and
+        is checked against what was recorded."""
+        tracker = cls(directory, size, record)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            with open(os.path.join(directory, INDEX)) as f:
+                index = json.load(f)
+        except FileNotFoundError:
+            index = None
+        except ValueError:
+            index = {"size": None}  # damaged: start afresh, saying why
+        if index is not None:
+            tracker._load(index)
+        tracker._remove_strays()
+        return tracker
+
+    def _load(self, index: dict) -> None:
+        if index.get("size") != self.size or index.get("granularity") != GRANULARITY:
+            self.invalid = "SOURCE's size changed, or the change tracking's index is damaged"
+            return
+        self.invalid = index.get("invalid")
+        why = self._changed_offline(index)
+        try:
+            for name in index.get("segments", []):
+                self.segments.append(ChangeMap.open(os.path.join(self.dir, name), writable=True))
+        except (OSError, ValueError) as e:
+            why = why or f"a change tracking file is missing or damaged ({e})"
+        self.boundaries = index.get("boundaries", [])
+        if len(self.segments) != len(self.boundaries):
+            why = why or "the change tracking's index is damaged"
+        spare = index.get("spare")
+        if spare and os.path.exists(os.path.join(self.dir, spare)):
+            self.spare = ChangeMap.open(os.path.join(self.dir, spare), writable=True)
+            if self.segments and self.spare.count():  # a boundary the index missed
+                self.segments[-1].set_bits(self.spare.bits())
+                self.segments[-1].flush()
+        if why:
+            self._reset(why)
+
+    def _changed_offline(self, index: dict) -> str | None:
+        """Why SOURCE may have been written while no instance had it
+        mounted, or None."""
+        if not index.get("boundaries"):
+            return None
+        seen, now = index.get("seen"), self._record()
+        if seen is None:
+            return "nothing recorded what SOURCE looked like"
+        if now["identity"] != seen["identity"] or now["size"] != seen["size"]:
+            return "SOURCE is another file, or its size changed"
+        if (now["mtime_ns"], now["ctime_ns"]) == (seen["mtime_ns"], seen["ctime_ns"]):
+            return None
+        if not index.get("clean") and seen["boot_id"] == now["boot_id"]:
+            # the daemon died while writing: its own last writes are no later
+            # than its last heartbeat allows
+            try:
+                with open(os.path.join(self.dir, HEARTBEAT)) as f:
+                    beat = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                beat = 0
+            if beat and now["ctime_ns"] <= beat + HEARTBEAT_SLACK_NS:
+                return None
+        return ("SOURCE was changed while no snapfs instance had it mounted (or just "
+                "before the machine went down)")
+
+    def _reset(self, why: str) -> None:
+        for segment in self.segments:
+            _remove(segment)
+        self.segments, self.boundaries = [], []
+        self.invalid = why
+
+    def _remove_strays(self) -> None:
+        keep = {os.path.basename(s.path) for s in self.segments}
+        if self.spare is not None:
+            keep.add(os.path.basename(self.spare.path))
+        for name in os.listdir(self.dir):
+            if name.endswith(".map") and name not in keep:
+                os.unlink(os.path.join(self.dir, name))
+
+    def save(self, clean: bool = False) -> None:
+        """Write the index durably, with what SOURCE looks like now (from a
+        worker thread); `clean` at a clean stop."""
+        with self._saving:
+            self._save(clean)
+
+    def _save(self, clean: bool) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)  # renamed away meanwhile?
+        index = {"size": self.size, "granularity": GRANULARITY,
+                 "boundaries": self.boundaries,
+                 "segments": [os.path.basename(s.path) for s in self.segments],
+                 "spare": os.path.basename(self.spare.path) if self.spare else None,
+                 "invalid": self.invalid, "seen": self._record(), "clean": clean}
+        path = os.path.join(self.dir, INDEX)
+        temporary = path + ".new"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(self.dir)
+
+    def make_spare(self) -> None:
+        """Make the segment file the next boundary will use (in a worker thread)."""
+        if self.spare is None:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            name = os.path.join(self.dir, f"segment-{secrets.token_hex(6)}.map")
+            self.spare = ChangeMap.create(name, self.size, GRANULARITY, {})
+            self.spare.flush()
+            _fsync_dir(self.dir)
+
+    def close(self) -> None:
+        for bitmap in [*self.segments, *self._retired, self.spare]:
+            if bitmap is not None:
+                bitmap.close()
+
+    # --- boundaries -----------------------------------------------------
+
+    def add_boundary(self, boundary_id: str, backup: dict) -> None:
+        """Cut time now (no checkpoint: call at the point in time, after
+        `make_spare`); writes from here on are the new boundary's."""
+        assert self.spare is not None, "make_spare first"
+        self.boundaries.append({"id": boundary_id, "state": "pending", "backup": backup})
+        self.segments.append(self.spare)
+        self.spare = None
+        if len(self.boundaries) > MAX_BOUNDARIES:
+            self._drop_oldest_checkpoint()
+
+    def complete(self, boundary_id: str) -> None:
+        """Its backup completed: a checkpoint, a base for incremental ones."""
+        for boundary in self.boundaries:
+            if boundary["id"] == boundary_id:
+                boundary["state"] = "checkpoint"
+                self.invalid = None
+
+    def abandon(self, boundary_id: str) -> None:
+        """Its backup did not complete: the boundary goes, its changes join
+        the segment before (no checkpoint: runs in the trio thread)."""
+        for i, boundary in enumerate(self.boundaries):
+            if boundary["id"] == boundary_id:
+                self._remove_boundary(i)
+                return
+
+    def _remove_boundary(self, i: int) -> None:
+        segment = self.segments.pop(i)
+        del self.boundaries[i]
+        if i > 0:  # the changes after it belong to the segment before it now
+            before = self.segments[i - 1]
+            before.set_bits(segment.bits())
+            before.flush()
+        os.unlink(segment.path)
+        self._retired.append(segment)  # a sync in a worker thread may still use it
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        busy = {id(entry[3]) for entry in self._syncing}
+        for segment in list(self._retired):
+            if id(segment) not in busy:
+                segment.close()
+                self._retired.remove(segment)
+
+    def _drop_oldest_checkpoint(self) -> None:
+        for i, boundary in enumerate(self.boundaries):
+            if boundary["state"] != "pending":
+                self._remove_boundary(i)
+                return
+
+    def find(self, boundary_id: str) -> dict | None:
+        for boundary in self.boundaries:
+            if boundary["id"] == boundary_id:
+                return boundary
+        return None
+
+    def last_checkpoint(self) -> dict | None:
+        for boundary in reversed(self.boundaries):
+            if boundary["state"] == "checkpoint":
+                return boundary
+        return None
+
+    def changed_since(self, boundary_id: str, until: str | None = None) -> int:
+        """The clusters (bit i: cluster i of GRANULARITY) changed from
+        boundary `boundary_id` to boundary `until` (default: now)."""
+        ids = [b["id"] for b in self.boundaries]
+        first = ids.index(boundary_id)
+        last = ids.index(until) if until is not None else len(ids)
+        value = 0
+        for segment in self.segments[first:last]:
+            value |= segment.bits()
+        return value
+
+    # --- the write path -------------------------------------------------
+
+    def span(self, offset: int, end: int) -> tuple[int, int]:
+        return offset // GRANULARITY, -(-end // GRANULARITY)
+
+    def ready(self, offset: int, end: int) -> bool:
+        """Whether the bits of [offset, end) are durable in the active
+        segment (or nothing is tracked). Called for every write; the first
+        one after a quiet record leaves a heartbeat first."""
+        if not self.segments:
+            return True
+        self._last_write = time.monotonic()
+        if self._quiet_recorded:
+            self._quiet_recorded = False
+            self.write_heartbeat()
+        c0, c1 = self.span(offset, end)
+        for first, stop, _, _ in self._syncing:
+            if first < c1 and c0 < stop:
+                return False
+        active = self.segments[-1]
+        return active.next_clear(c0, c1) == c1
+
+    async def track(self, offset: int, end: int) -> None:
+        """Make the bits of [offset, end) durable (see `ready`)."""
+        c0, c1 = self.span(offset, end)
+        for first, stop, done, _ in list(self._syncing):
+            if first < c1 and c0 < stop:
+                await done.wait()
+                return
+        if not self.segments:
+            return
+        active = self.segments[-1]
+        first, stop = c0, c1
+        if c0 <= self._sequential_end <= c1:  # a sequential writer: the next batch too
+            stop = min(self.clusters, max(c1, c0 + SEQUENTIAL_BATCH))
+        self._sequential_end = c1
+        active.set(first, stop)
+        entry = (first, stop, trio.Event(), active)
+        self._syncing.append(entry)
+        try:
+            await trio.to_thread.run_sync(active.sync, first, stop)
+        finally:
+            self._syncing.remove(entry)
+            entry[2].set()
+            self._close_retired()
+
+    # --- quiet and heartbeat --------------------------------------------
+
+    def write_heartbeat(self) -> None:
+        """Note the time (ns) while writes go on (no sync: it matters only
+        after the daemon dies, when the page cache still has it)."""
+        path = os.path.join(self.dir, HEARTBEAT)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, b"%020d\n" % time.time_ns(), 0)
+        finally:
+            os.close(fd)
+
+    @property
+    def writing(self) -> bool:
+        """Writes happened since SOURCE was last recorded quiet."""
+        return not self._quiet_recorded
+
+    @property
+    def quiet_due(self) -> bool:
+        """Writes happened, and none for QUIET_SECONDS: time to record SOURCE."""
+        return (not self._quiet_recorded
+                and time.monotonic() - self._last_write >= QUIET_SECONDS)
+
+    def record_quiet(self, clean: bool = False) -> None:
+        """Record SOURCE now that nothing writes it (worker thread); `clean` at
+        a clean stop. The heartbeat goes: from here on SOURCE must match."""
+        for segment in self.segments:
+            segment.flush()
+        self.save(clean=clean)
+        try:
+            os.unlink(os.path.join(self.dir, HEARTBEAT))
+        except FileNotFoundError:
+            pass
+        self._quiet_recorded = True
+
+    def bytes_changed(self) -> int | None:
+        """Bytes changed since the last checkpoint (None: no checkpoint)."""
+        last = self.last_checkpoint()
+        if last is None:
+            return None
+        return min(self.changed_since(last["id"]).bit_count() * GRANULARITY, self.size)
+
+
+def extents(value: int, clusters: int, granularity: int, size: int) -> list[dict]:
+    """The disk as extents like `qemu-img map --output=json`: start, length,
+    and whether the clusters in it changed (bit i of `value`: cluster i)."""
+    found = []
+    c = 0
+    while c < clusters:
+        bit = (value >> c) & 1
+        rest = (value >> c) if not bit else (~value >> c)
+        rest &= (1 << (clusters - c)) - 1
+        end = clusters if rest == 0 else c + ((rest & -rest).bit_length() - 1)
+        start = c * granularity
+        found.append({"start": start, "length": min(end * granularity, size) - start,
+                      "changed": bool(bit)})
+        c = end
+    return found
+
+
+def _remove(bitmap: ClusterBitmap) -> None:
+    bitmap.close()
+    try:
+        os.unlink(bitmap.path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
