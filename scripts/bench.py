@@ -13,7 +13,10 @@ The QEMU anchor:
   (backing: the source), exported writable over FUSE as the live disk, and a
   snapshot-access node over it exported read-only as the snapshot;
 - background copy: blockdev-backup (sync full / top) from a raw source node to
-  a raw target node, timed until BLOCK_JOB_COMPLETED.
+  a raw target node, timed until BLOCK_JOB_COMPLETED;
+- change tracking: a qcow2 copy of the image exported over FUSE, with or
+  without a persistent dirty bitmap (added with a FULL blockdev-backup); the
+  rows compare each system with itself, tracked against untracked.
 
 Run it through scripts/bench (as root), which installs what it needs. Every
 mount is unmounted and every daemon stopped, even when a measure fails. The

@@ -44,6 +44,10 @@ ROWS = [
     "Peak memory",
     "Start-up",
     "Snapshot of a mounted live disk",
+    "Change tracking on, overwrite sequential",
+    "Change tracking on, overwrite 4 KiB random",
+    "Change tracking on, first write since the backup, sequential",
+    "Change tracking on, first write since the backup, 4 KiB random",
 ]
 
 
@@ -168,7 +172,12 @@ def test_report_rows_from_samples(benchlib):
                               ("rand_first", 1000, 1000), ("rand_over", 1, 2),
                               ("snap_seq", 900, 600), ("snap_rand", 3, 3),
                               ("full", 1.0, 4.0), ("full_sync", 1.0, 1.0),
-                              ("top", 0.2, 0.5), ("memory", 50, 40), ("startup", 0.3, 0.1)]:
+                              ("top", 0.2, 0.5), ("memory", 50, 40), ("startup", 0.3, 0.1),
+                              ("untrk_seq_over", 1000, 800), ("trk_seq_over", 960, 800),
+                              ("untrk_rand_over", 10000, 20000), ("trk_rand_over", 9000, 20000),
+                              ("untrk_seq_first", 1000, 800), ("trk_seq_first", 800, 800),
+                              ("untrk_rand_first", 20000, 30000),
+                              ("trk_rand_first", 2000, 30000)]:
         results.add(key, "snapfs", snapfs)
         results.add(key, "qemu", qemu)
     results.add("full_mount", "snapfs", 0.1)
@@ -201,6 +210,17 @@ def test_report_rows_from_samples(benchlib):
     assert by_start["TOP time ÷ FULL time"]["snapfs"] == "0.11"  # (0.2 - 0.1) / (1.0 - 0.1)
     assert by_start["Peak memory"]["versus"] == "1.25x more"
     assert by_start["FULL copy, until done + fsync"]["met"] == "—"
+    seq_over = by_start["Change tracking on, overwrite sequential"]
+    assert seq_over["measure"] == ("Change tracking on, overwrite sequential (dd 1M, 32 MiB, "
+                                   "fdatasync): tracked ÷ untracked")
+    assert (seq_over["snapfs"], seq_over["qemu"], seq_over["met"]) == ("0.96", "1.00", "met")
+    assert seq_over["versus"] == "1.04x worse"
+    rand_over = by_start["Change tracking on, overwrite 4 KiB random"]
+    assert (rand_over["snapfs"], rand_over["met"]) == ("0.90", "**NOT met**")
+    assert by_start["Change tracking on, first write since the backup, sequential"]["snapfs"] == "0.80"
+    rand_first = by_start["Change tracking on, first write since the backup, 4 KiB random"]
+    assert (rand_first["snapfs"], rand_first["qemu"]) == ("0.10", "1.00")
+    assert rand_first["target"] == "snapfs ≥ 0.95 (within 5%)"
 
     table = benchlib.report.markdown_table(rows)
     assert table.count("\n") == len(ROWS) + 2
@@ -274,22 +294,29 @@ def test_snapfs_processes_are_found_by_command_line(benchlib):
 
 def test_snapfs_commands_of_an_instance(benchlib, monkeypatch, tmp_path):
     """A live disk alone, then snapshots taken with `snapfs snapshot`, each in
-    its own directory; the snapshot's status is asked of the snapshot."""
+    its own directory; the snapshot's status is asked of the snapshot, and it
+    is released by its mount point."""
     from benchlib import snapfs_side
 
-    commands = []
-    monkeypatch.setattr(snapfs_side, "timed", lambda cmd, **kwargs: commands.append(cmd) or 0.5)
+    commands, directories = [], []
+
+    def record(cmd, kwargs):
+        commands.append(cmd)
+        directories.append(kwargs.get("cwd"))
+
+    monkeypatch.setattr(snapfs_side, "timed", lambda cmd, **kwargs: record(cmd, kwargs) or 0.5)
     monkeypatch.setattr(snapfs_side, "descendants", lambda pid: [pid, pid + 1])
 
     class Done:
         stdout = '{"pid": 100, "snapshots": [{"pid": 101, "clusters_copied_by_writes": 3}]}'
 
-    monkeypatch.setattr(snapfs_side, "run", lambda cmd, **kwargs: commands.append(cmd) or Done)
+    monkeypatch.setattr(snapfs_side, "run", lambda cmd, **kwargs: record(cmd, kwargs) or Done)
     instance = snapfs_side.SnapfsInstance(str(tmp_path), str(tmp_path / "disk.img"), print)
     instance.mount_live()
     instance.take_snapshot(str(tmp_path / "t1.img"), "none")
     instance.take_snapshot(str(tmp_path / "t2.img"), "full")
     instance.snapshot_status(1)
+    instance.release(1)
     live, snapfs = str(tmp_path / "snapfs" / "live"), str(tmp_path / "snapfs")
     assert commands == [
         ["snapfs", "mount", str(tmp_path / "disk.img"), live],
@@ -299,7 +326,56 @@ def test_snapfs_commands_of_an_instance(benchlib, monkeypatch, tmp_path):
         ["snapfs", "snapshot", live, snapfs + "/snap2", "--target", str(tmp_path / "t2.img"),
          "--sync", "full", "--force"],
         ["snapfs", "status", snapfs + "/snap2", "--json"],
+        ["snapfs", "release", snapfs + "/snap2"],
     ]
+    # never where a `snapfs` package could shadow the installed one (python -m
+    # puts the current directory first on the daemon's module path)
+    assert directories == [snapfs] * len(commands)
     assert instance.pids == [100, 101]
     assert instance.snapshot_seconds == [0.5, 0.5]
     assert instance.snapshot_files == [snapfs + "/snap/disk.img", snapfs + "/snap2/disk.img"]
+
+
+def test_qemu_change_tracking_anchor(benchlib, monkeypatch, tmp_path):
+    """QEMU's change tracking: a qcow2 image exported as it is, and a
+    persistent dirty bitmap added in one transaction with a FULL backup; the
+    target's nodes go once the job completed."""
+    from benchlib import qemu_side
+
+    daemon = qemu_side.qemu_plain_disk("/w", "/w/img/disk.qcow2", print)
+    assert daemon.args == [
+        "--blockdev", "file,node-name=srcf,filename=/w/img/disk.qcow2",
+        "--blockdev", "qcow2,node-name=src,file=srcf",
+        "--export", "fuse,id=e1,node-name=src,mountpoint=/w/qemu/live.img,writable=on",
+    ]
+    assert (daemon.live, daemon.mountpoints) == ("/w/qemu/live.img", ["/w/qemu/live.img"])
+
+    class Qmp:
+        def __init__(self):
+            self.commands = []
+
+        def command(self, name, **arguments):
+            self.commands.append((name, arguments))
+            if name == "query-named-block-nodes":
+                return [{"node-name": "srcf"}, {"node-name": "src", "dirty-bitmaps": [
+                    {"name": "bench", "persistent": True, "count": 65536}]}]
+            return {}
+
+        def wait_event(self, name, timeout):
+            return {"event": name, "data": {}}
+
+    daemon.qmp = Qmp()
+    target = tmp_path / "full.img"
+    qemu_side.qemu_backup_with_bitmap(daemon, str(target), 1 << 20)
+    assert target.stat().st_size == 1 << 20
+    names = [name for name, _ in daemon.qmp.commands]
+    assert names == ["blockdev-add", "blockdev-add", "transaction", "blockdev-del",
+                     "blockdev-del", "query-named-block-nodes"]
+    actions = daemon.qmp.commands[2][1]["actions"]
+    assert actions == [
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "src", "name": "bench", "persistent": True}},
+        {"type": "blockdev-backup",
+         "data": {"job-id": "full", "device": "src", "target": "tgt", "sync": "full"}},
+    ]
+    assert qemu_side.qemu_bitmap_count(daemon) == 65536

@@ -9,7 +9,8 @@ only those above it):
 - snapfs_side snapfs mounted, snapshots taken, asked and stopped through its
               command line; its processes (the live one and each snapshot's)
 - qemu_side   qemu-storage-daemon: QMP, copy-before-write + snapshot-access
-              (stacked for several snapshots), image fleecing, blockdev-backup
+              (stacked for several snapshots), image fleecing, blockdev-backup,
+              a persistent dirty bitmap (change tracking)
 - measures    the measure groups: which workload on which system, filed under
               which key
 - harness     the run loop: repetitions, alternating systems, cleanup

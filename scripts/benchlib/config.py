@@ -43,6 +43,12 @@ class BenchConfig:
         """Bytes of random 64 KiB writes before the peak memory is read."""
         return 64 * MiB if self.quick else GiB
 
+    @property
+    def tracking_pairs(self) -> int:
+        """Pairs of sessions (untracked, tracked) per repetition in the
+        "tracking" group."""
+        return 1 if self.quick else 2
+
     #: how many snapshots are active at once in the first-write rows of the
     #: "multi" group
     snapshot_counts = (1, 2, 4, 8)

@@ -18,14 +18,18 @@ from collections.abc import Iterator
 from benchlib.config import KiB, MiB, BenchConfig
 from benchlib.host import (MeasureError, PageCache, fsync_file, log, remove, run,
                            sync_filesystem)
-from benchlib.qemu_side import qemu_backup, qemu_backup_daemon, qemu_cbw, qemu_fleece
+from benchlib.qemu_side import (qemu_backup, qemu_backup_daemon, qemu_backup_with_bitmap,
+                                qemu_bitmap_count, qemu_cbw, qemu_fleece, qemu_plain_disk)
 from benchlib.results import REFERENCE, Results
 from benchlib.snapfs_side import SnapfsInstance, snapfs_python
 from benchlib.workloads import (CLUSTER, compare, copy_file, dd_read_cold, dd_write, fill_random,
                                 fio, replay_log)
 
 #: the measure groups, in the order they run in every repetition
-GROUPS = ("write", "multi", "copy", "top", "memory", "take")
+GROUPS = ("write", "multi", "copy", "top", "memory", "take", "tracking")
+#: the writes of the "tracking" group: sample keys TRACKED_key and UNTRACKED_key
+TRACKING_WRITES = ("seq_first", "seq_over", "rand_first", "rand_over")
+TRACKED, UNTRACKED = "trk", "untrk"
 
 
 class Measures:
@@ -67,6 +71,9 @@ class Measures:
             f"sparse image: {size // MiB} MiB virtual, {allocated / MiB:.1f} MiB "
             f"allocated ({100 * allocated / size:.1f}%) in {len(chosen)} extents of "
             f"{extent // KiB} KiB")
+        if "tracking" in self.config.groups:  # QEMU's dirty bitmaps persist in qcow2 only
+            run(["qemu-img", "convert", "-O", "qcow2", self.img("base.img"),
+                 self.img("base.qcow2")], timeout=3600)
         sync_filesystem(self.workdir)
 
     # --- the live disk and its snapshot, on either system
@@ -246,7 +253,7 @@ class Measures:
         python = snapfs_python()
         PageCache.drop()
         if python:
-            run([python, "-c", "import snapfs.cli, snapfs.daemon"])
+            run([python, "-c", "import snapfs.cli, snapfs.daemon"], cwd=self.workdir)
         start = time.perf_counter()
         with SnapfsInstance(self.workdir, source, self.results.note) as instance:
             instance.mount_with_snapshot(target, sync)
@@ -326,3 +333,121 @@ class Measures:
                 self.results.add("startup_live", system, daemon.ready_seconds)
                 self.results.add("take", system, qemu_fleece(daemon, disk, target))
             remove(disk, target)
+
+    def group_tracking(self, system: str, rep: int) -> None:
+        """The cost of change tracking. The "write" group's four writes
+        (sequential dd, then again; 4 KiB random first-writes to the other
+        half; 4 KiB random overwrites of the first half), on a live disk with
+        no snapshot, each time on a fresh copy of the image: tracked, after a
+        FULL backup that completed and ended (every write is then the first
+        to its clusters since that backup, or an overwrite of clusters marked
+        changed already), or untracked, on a live disk that never had a
+        backup. In pairs, untracked then tracked, then tracked then untracked,
+        ... (config.tracking_pairs), starting the other way round in every
+        other repetition; the ratio of each pair is kept too. snapfs: `snapfs
+        mount SOURCE LIVE`, and for a tracked one `snapfs snapshot --sync
+        full`, `snapfs wait`, `snapfs release`. QEMU: a qcow2 copy of the
+        image exported over FUSE, tracked with a persistent dirty bitmap added
+        together with a FULL blockdev-backup (qemu_side.qemu_backup_with_bitmap)."""
+        first = (UNTRACKED, TRACKED) if rep % 2 == 0 else (TRACKED, UNTRACKED)
+        figures: dict[str, list[dict[str, float]]] = {TRACKED: [], UNTRACKED: []}
+        for pair in range(self.config.tracking_pairs):
+            for mode in (first if pair % 2 == 0 else first[::-1]):
+                session = self._snapfs_tracking if system == "snapfs" else self._qemu_tracking
+                figures[mode].append(session(mode == TRACKED, rep, pair))
+        for tracked, untracked in zip(figures[TRACKED], figures[UNTRACKED]):
+            for key in TRACKING_WRITES:
+                self.results.add_extra(f"{TRACKED}_ratio_{key}", system,
+                                       tracked[key] / untracked[key])
+
+    def _snapfs_tracking(self, tracked: bool, rep: int, pair: int) -> dict[str, float]:
+        disk = self.img("disk.img")
+        target = self.img("snapfs-tracking-full.img")
+        copy_file(self.img("base.img"), disk)
+        try:
+            with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
+                instance.mount_live()
+                if tracked:
+                    instance.take_snapshot(target, "full")
+                    instance.wait()
+                    instance.release()
+                    remove(target, target + ".snapfs")
+                status = instance.status()
+                if tracked and (status.get("bytes_changed") != 0 or not status.get("checkpoints")):
+                    raise MeasureError(
+                        "snapfs: no change tracking after a completed FULL backup (status: "
+                        f"bytes_changed {status.get('bytes_changed')!r}, checkpoints "
+                        f"{status.get('checkpoints')!r})")
+                if not tracked and status.get("bytes_changed") is not None:
+                    raise MeasureError("snapfs: change tracking on a live disk that never had "
+                                       "a backup")
+                PageCache.drop()
+                figures, written = self._tracking_writes(instance.live, "snapfs", tracked, rep,
+                                                         pair)
+                if tracked:
+                    self._check_changed(instance.status()["bytes_changed"], written, rep)
+        finally:
+            remove(target, target + ".snapfs")
+        return figures
+
+    def _check_changed(self, changed: int, written: int, rep: int) -> None:
+        """snapfs reports at least the bytes of the clusters written since the
+        backup as changed, and no more than 4 MiB beyond (a sequential
+        writer's bits are synced 4 MiB ahead). Reported once per repetition."""
+        self.results.add_extra(f"{TRACKED}_changed", "snapfs", changed)
+        what = (f"change tracking: bytes changed since the backup (snapfs status) cover the "
+                f"{written / MiB:.1f} MiB of clusters written, + at most 4 MiB (rep {rep + 1})")
+        if written <= changed <= written + 4 * MiB:
+            if not self.results.checked(what, "snapfs"):
+                self.results.check(what, "snapfs", f"yes ({changed / MiB:.1f} MiB)")
+        else:
+            self.results.check(what, "snapfs", f"NO ({changed / MiB:.1f} MiB)")
+            raise MeasureError(f"snapfs change tracking reports {changed:,} bytes changed "
+                               f"after writes to {written:,} bytes of clusters")
+
+    def _qemu_tracking(self, tracked: bool, rep: int, pair: int) -> dict[str, float]:
+        disk = self.img("disk.qcow2")
+        target = self.img("qemu-tracking-full.img")
+        copy_file(self.img("base.qcow2"), disk)
+        try:
+            with qemu_plain_disk(self.workdir, disk, self.results.note) as daemon:
+                if tracked:
+                    qemu_backup_with_bitmap(daemon, target, self.config.size)
+                    remove(target)
+                PageCache.drop()
+                figures, _ = self._tracking_writes(daemon.live, "qemu", tracked, rep, pair)
+                if tracked:
+                    self.results.add_extra(f"{TRACKED}_changed", "qemu",
+                                           qemu_bitmap_count(daemon) or 0)
+        finally:
+            remove(disk, target)
+        return figures
+
+    def _tracking_writes(self, live: str, system: str, tracked: bool, rep: int,
+                         pair: int) -> tuple[dict[str, float], int]:
+        """The four writes of the "tracking" group, filed under trk_KEY or
+        untrk_KEY; their figures by KEY, and the bytes of the clusters they
+        wrote."""
+        size, half = self.config.size, self.config.half
+        prefix = TRACKED if tracked else UNTRACKED
+        figures = {}
+
+        def add(key: str, value: float) -> None:
+            figures[key] = value
+            self.results.add(f"{prefix}_{key}", system, value)
+
+        add("seq_first", dd_write(self.img("input.bin"), live, half))
+        add("seq_over", dd_write(self.img("input.bin"), live, half))
+        # one 4 KiB write in each of half of the clusters of the untouched half;
+        # the same clusters for both sessions of a pair
+        clusters = list(range(half // CLUSTER, size // CLUSTER))
+        chosen = random.Random(2000 + 10 * rep + pair).sample(clusters, len(clusters) // 2)
+        iolog = os.path.join(self.workdir, "first-write.iolog")
+        replay_log(iolog, live, chosen, seed=10 * rep + pair)
+        add("rand_first", fio(
+            [f"--read_iolog={iolog}", "--replay_no_stall=1", "--end_fsync=1"], "write"))
+        add("rand_over", fio(
+            [f"--filename={live}", "--rw=randwrite", "--bs=4k", "--offset=0",
+             f"--size={half}", f"--number_ios={self.config.rand_over_ios}",
+             f"--randseed={rep + 1}", "--end_fsync=1"], "write"))
+        return figures, half + len(chosen) * CLUSTER

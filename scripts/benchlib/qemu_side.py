@@ -10,7 +10,14 @@
   it, the target exported read-only over FUSE;
 - background copy (qemu_backup_daemon + qemu_backup): blockdev-backup (sync
   full / top) from a raw source node to a raw target node, timed until
-  BLOCK_JOB_COMPLETED.
+  BLOCK_JOB_COMPLETED;
+- change tracking (qemu_plain_disk + qemu_backup_with_bitmap): a qcow2 image
+  exported writable over FUSE, with or without a persistent dirty bitmap
+  added (in one transaction with a FULL blockdev-backup) before the writes.
+  QEMU keeps dirty bitmaps in memory and stores persistent ones in the qcow2
+  image when it closes it (a raw image can have none that persist), so a
+  write costs it a bit set in memory: not the same durability as snapfs'
+  change map, which is synced before the first write to a cluster.
 """
 
 from __future__ import annotations
@@ -269,3 +276,63 @@ def qemu_backup(daemon: QemuDaemon, sync: str) -> float:
     if event["data"].get("error"):
         raise MeasureError(f"blockdev-backup failed: {event['data']['error']}")
     return seconds
+
+
+def qemu_plain_disk(workdir: str, source: str, note: Callable[[str], None]) -> QemuDaemon:
+    """A qcow2 image (node `src`) exported writable over FUSE as the live disk
+    (WORKDIR/qemu/live.img), with no filter: change tracking, if any, is a
+    dirty bitmap on `src` (qemu_backup_with_bitmap)."""
+    live = os.path.join(workdir, "qemu", "live.img")
+    daemon = QemuDaemon(workdir, "plain", [
+        "--blockdev", f"file,node-name=srcf,filename={source}",
+        "--blockdev", "qcow2,node-name=src,file=srcf",
+        "--export", f"fuse,id=e1,node-name=src,mountpoint={live},writable=on",
+    ], [live], note)
+    daemon.live = live
+    return daemon
+
+
+def qemu_backup_with_bitmap(daemon: QemuDaemon, target: str, size: int) -> float:
+    """What an incremental backup scheme starts with: one transaction adding a
+    persistent dirty bitmap to `src` and starting a FULL blockdev-backup of it
+    into a raw `target` (created here, `size` bytes); returns once the job
+    completed (seconds). From then on every write to the disk sets bits."""
+    remove(target)
+    with open(target, "wb") as f:
+        f.truncate(size)
+    qmp = daemon.qmp
+    qmp.command("blockdev-add", driver="file", filename=target, **{"node-name": "tgtf"})
+    qmp.command("blockdev-add", driver="raw", file="tgtf", **{"node-name": "tgt"})
+    start = time.perf_counter()
+    qmp.command("transaction", actions=[
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "src", "name": "bench", "persistent": True}},
+        {"type": "blockdev-backup",
+         "data": {"job-id": "full", "device": "src", "target": "tgt", "sync": "full"}},
+    ])
+    event = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=7200)
+    seconds = time.perf_counter() - start
+    if event["data"].get("error"):
+        raise MeasureError(f"blockdev-backup failed: {event['data']['error']}")
+    qmp.command("blockdev-del", **{"node-name": "tgt"})  # the backup is over, as a release
+    qmp.command("blockdev-del", **{"node-name": "tgtf"})
+    found = _bitmap(daemon)
+    if found is None or not found.get("persistent"):
+        raise MeasureError("qemu-storage-daemon: no persistent dirty bitmap 'bench' on src")
+    return seconds
+
+
+def qemu_bitmap_count(daemon: QemuDaemon) -> int | None:
+    """Bytes the dirty bitmap 'bench' on `src` marks dirty, or None without one."""
+    bitmap = _bitmap(daemon)
+    return None if bitmap is None else int(bitmap["count"])
+
+
+def _bitmap(daemon: QemuDaemon) -> dict | None:
+    """The dirty bitmap 'bench' of node `src` as query-named-block-nodes shows it."""
+    for node in daemon.qmp.command("query-named-block-nodes", flat=True):
+        if node.get("node-name") == "src":
+            for bitmap in node.get("dirty-bitmaps", []):
+                if bitmap.get("name") == "bench":
+                    return bitmap
+    return None

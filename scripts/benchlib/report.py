@@ -133,6 +133,20 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
         "snapfs ≤ 2 s", lambda s, q, r: s <= 2)
     row(f"Snapshot of a mounted live disk, {size_text(config.memory_disk)} sparse image",
         "take", "s", False, "(information)", None)
+
+    def tracked(key, sysname):  # with change tracking ÷ with none, same writes
+        t, u = m(f"trk_{key}", sysname), m(f"untrk_{key}", sysname)
+        return t / u if t and u else None
+
+    for key, label in (
+            ("seq_over", f"overwrite sequential (dd 1M, {half}, fdatasync)"),
+            ("rand_over", "overwrite 4 KiB random (fio psync)"),
+            ("seq_first", f"first write since the backup, sequential (dd 1M, {half}, fdatasync)"),
+            ("rand_first", "first write since the backup, 4 KiB random, one per cluster "
+                           "(fio psync)")):
+        row(f"Change tracking on, {label}: tracked ÷ untracked", None, "x", True,
+            "snapfs ≥ 0.95 (within 5%)", lambda s, q, r: s >= 0.95, better="better",
+            worse="worse", values=(tracked(key, "snapfs"), tracked(key, "qemu")))
     return rows
 
 
@@ -161,6 +175,13 @@ LABELS = {
     "memory": ("peak RSS (VmHWM)", "MiB"), "startup": ("start-up", "s"),
     "startup_live": ("start-up of the live disk alone", "s"),
     "take": ("snapshot of a mounted live disk", "s"),
+    **{f"{prefix}_{key}": (f"{what}: {label}", unit)
+       for prefix, what in (("untrk", "no backup taken (untracked)"),
+                            ("trk", "change tracking on"))
+       for key, label, unit in (("seq_first", "first write sequential", "MB/s"),
+                                ("seq_over", "overwrite sequential", "MB/s"),
+                                ("rand_first", "first write 4 KiB random", "IOPS"),
+                                ("rand_over", "overwrite 4 KiB random", "IOPS"))},
     **{f"seq_first_{n}": (f"first-write sequential, {n} snapshot{'s' if n > 1 else ''}", "MB/s")
        for n in BenchConfig.snapshot_counts},
 }
@@ -173,6 +194,12 @@ EXTRA_LABELS = {
     "take_multi": ("`snapfs snapshot` in the first-write rows with several snapshots, each", "s"),
     "full_allocated": ("FULL target, allocated bytes", "MiB"),
     "top_allocated": ("TOP target, allocated bytes", "MiB"),
+    "trk_changed": ("change tracking: bytes marked changed after the writes", "MiB"),
+    **{f"trk_ratio_{key}": (f"change tracking: {label}, tracked ÷ untracked, per repetition", "x")
+       for key, label in (("seq_first", "first write sequential"),
+                          ("seq_over", "overwrite sequential"),
+                          ("rand_first", "first write 4 KiB random"),
+                          ("rand_over", "overwrite 4 KiB random"))},
 }
 
 
@@ -302,6 +329,20 @@ images:
   nodes, timed until `BLOCK_JOB_COMPLETED`; snapfs runs `snapfs mount --sync
   full|top` and is timed from the start of `snapfs mount` until `snapfs wait`
   returns (its start-up included).
+- **change tracking** (the "Change tracking on" rows, tracked ÷ untracked):
+  the writes of the first-write and overwrite rows on a live disk with no
+  snapshot, each time on a fresh copy of the image, once *tracked* and once
+  *untracked*. snapfs: `snapfs mount SOURCE LIVE`, and for the tracked one
+  `snapfs snapshot --sync full`, `snapfs wait`, `snapfs release` first (a
+  completed FULL backup: from then on the first write to each cluster syncs
+  its bit in the change map before it proceeds); the untracked live disk
+  never had a backup. QEMU's column is QEMU's own ratio, not snapfs': a qcow2
+  copy of the image exported writable over FUSE, with a persistent dirty
+  bitmap added in one transaction with a FULL `blockdev-backup` (tracked) or
+  neither (untracked). QEMU keeps dirty bitmaps in memory and writes them
+  into the qcow2 file when it closes it: a write costs it a bit set in memory,
+  so its ratio shows mostly the noise of the measure, and a crash loses its
+  bitmap (the next backup must be full) where snapfs' change map survives.
 
 Why the figures are what they are, where the time goes and what was tried:
 [performance.md](performance.md).
@@ -314,9 +355,10 @@ image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
-write,multi,copy,top,memory,take` to run part of it (`multi`: the rows with
-several snapshots; `take`: the snapshot of a mounted live disk), `--note TEXT`
-to add a remark to the notes (what else ran on the machine, say).
+write,multi,copy,top,memory,take,tracking` to run part of it (`multi`: the
+rows with several snapshots; `take`: the snapshot of a mounted live disk;
+`tracking`: the change tracking rows), `--note TEXT` to add a remark to the
+notes (what else ran on the machine, say).
 
 ## How to read it
 
@@ -361,6 +403,20 @@ to add a remark to the notes (what else ran on the machine, say).
 - The machine may be shared: the load average before and after the run is
   under "Machine"; treat differences within the spread of the samples as
   noise.
+- The "Change tracking on" rows divide the figure of a tracked live disk by
+  that of an untracked one, the same writes on the same image (1 = tracking
+  costs nothing). "First write since the backup": the first `dd` over the
+  first half and the fio replay that writes one 4 KiB block into each of half
+  of the clusters of the other half: clusters not written since the backup,
+  each first write to one syncs its bit (a sequential writer's bits 4 MiB
+  ahead at a time). "Overwrite": the second `dd` over the same half, then fio
+  random 4 KiB writes over it: clusters marked already. The page cache is
+  dropped after the backup, before the writes, in both sessions. Sessions
+  come in pairs, untracked then tracked, then tracked then untracked (two
+  pairs per repetition, one with `--quick`); the table divides the medians,
+  and the ratio of each pair is listed under "All samples". snapfs' check
+  compares the bytes `snapfs status` reports changed with the clusters
+  written.
 - The "Target" column holds the goals set for snapfs; "Met" says whether the
   median reaches them.
 """

@@ -13,8 +13,21 @@ its own, a descendant of the live process: forked by a spawner the live
 process forks before trio starts (so with the live process's command line), or,
 in the versions before the spawner, a new interpreter (`python -m
 snapfs.daemon.snapshot_server`). `status --json` gives every snapshot's pid.
+`release` ends a snapshot (`snapfs release SNAPSHOT`), the live disk going on.
 `cleanup` unmounts the live disk and every snapshot and stops every process,
 however the measure ended.
+
+Every `snapfs` command runs in WORKDIR/snapfs: the daemon starts as `python -m
+snapfs.daemon`, which puts the current directory first on its module path, so
+a run from a directory holding another `snapfs` package (a checkout with
+uncommitted edits, say) would measure that code instead of the installed one.
+
+Change tracking: once a backup that can be a base for incremental ones has
+completed (a FULL, say), the live disk tracks the clusters changed since, and
+that outlives the mount: after a clean `snapfs umount` the state directory
+keeps its `changes/` (CHANGES_DIR). The bench's sources are fresh copies, so
+an instance removes the state directory before it mounts and after it stops:
+every instance starts with no backup ever taken (nothing tracked).
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from benchlib.host import (MeasureError, alive, descendants, is_mounted, log, re
 
 #: the modules the processes of a snapfs instance run (`python -m MODULE CONFIG`)
 DAEMON_MODULES = ("snapfs.daemon", "snapfs.daemon.snapshot_server")
+#: what a clean `snapfs umount` leaves in the state directory: change tracking
+CHANGES_DIR = "changes"
 
 
 @dataclass
@@ -86,7 +101,8 @@ class SnapfsInstance:
     def mount_live(self) -> None:
         """`snapfs mount SOURCE LIVE`, timed (mount_seconds): the live disk alone."""
         self._clear_state()
-        self.mount_seconds = timed(["snapfs", "mount", self.source, self.live_dir], timeout=600)
+        self.mount_seconds = timed(["snapfs", "mount", self.source, self.live_dir], timeout=600,
+                                   cwd=self.base)
         self._learn_pids()
 
     def mount_with_snapshot(self, target: str, sync: str) -> SnapfsSnapshot:
@@ -96,7 +112,7 @@ class SnapfsInstance:
         snapshot = self._new_snapshot(target, sync)
         self.mount_seconds = timed(
             ["snapfs", "mount", self.source, self.live_dir, snapshot.dir,
-             "--target", target, "--sync", sync, "--force"], timeout=600)
+             "--target", target, "--sync", sync, "--force"], timeout=600, cwd=self.base)
         self._learn_pids()
         return snapshot
 
@@ -107,7 +123,7 @@ class SnapfsInstance:
         try:
             self.snapshot_seconds.append(timed(
                 ["snapfs", "snapshot", self.live_dir, snapshot.dir,
-                 "--target", target, "--sync", sync, "--force"], timeout=600))
+                 "--target", target, "--sync", sync, "--force"], timeout=600, cwd=self.base))
         finally:  # its process is a child of the live process
             self.pids += [p for p in descendants(self.pids[0]) if p not in self.pids]
         return snapshot
@@ -115,10 +131,21 @@ class SnapfsInstance:
     def _clear_state(self) -> None:
         """Before a mount: no state directory left by an earlier instance that
         did not stop cleanly, or `snapfs mount` would try to bring its
-        snapshots back (and fail: the bench's sources are fresh copies)."""
+        snapshots back (and fail: the bench's sources are fresh copies); nor
+        the change tracking a clean stop keeps (the source is a fresh copy,
+        with no backup taken)."""
         if os.path.isdir(self.state_dir):
-            self.note(f"{self.state_dir} was left by an earlier snapfs instance; removed")
+            if not self._only_change_tracking():
+                self.note(f"{self.state_dir} was left by an earlier snapfs instance; removed")
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _only_change_tracking(self) -> bool:
+        """Whether the state directory holds nothing but change tracking
+        (what a clean stop keeps once a backup completed)."""
+        try:
+            return set(os.listdir(self.state_dir)) <= {CHANGES_DIR}
+        except OSError:
+            return False
 
     def _learn_pids(self) -> None:
         """The live process's pid (from `snapfs status`), its children's and the
@@ -148,17 +175,23 @@ class SnapfsInstance:
 
     def status(self) -> dict:
         """`snapfs status LIVE --json`: the live disk, with a list of its snapshots."""
-        return json.loads(run(["snapfs", "status", self.live_dir, "--json"], timeout=60).stdout)
+        return json.loads(run(["snapfs", "status", self.live_dir, "--json"], timeout=60,
+                              cwd=self.base).stdout)
 
     def snapshot_status(self, index: int = 0) -> dict:
         """`snapfs status SNAPSHOT --json` of the index-th snapshot: its state,
         bytes_done, clusters_copied_by_writes, pid, ..."""
         return json.loads(run(["snapfs", "status", self.snapshots[index].dir, "--json"],
-                              timeout=60).stdout)
+                              timeout=60, cwd=self.base).stdout)
 
     def wait(self, index: int = 0) -> None:
         """Until the index-th snapshot's background copy has ended (`snapfs wait`)."""
-        run(["snapfs", "wait", self.snapshots[index].dir], timeout=7200)
+        run(["snapfs", "wait", self.snapshots[index].dir], timeout=7200, cwd=self.base)
+
+    def release(self, index: int = 0) -> None:
+        """`snapfs release SNAPSHOT` of the index-th snapshot: it ends, the live
+        disk goes on (its process exits; cleanup still covers its mount)."""
+        run(["snapfs", "release", self.snapshots[index].dir], timeout=300, cwd=self.base)
 
     def processes(self) -> list[int]:
         """The live process, its descendants and every snapshot's process, now."""
@@ -182,7 +215,7 @@ class SnapfsInstance:
         clean, unmounted = True, False
         if is_mounted(self.live_dir):
             try:
-                run(["snapfs", "umount", self.live_dir], timeout=300)
+                run(["snapfs", "umount", self.live_dir], timeout=300, cwd=self.base)
                 unmounted = True
             except MeasureError as e:
                 log(f"snapfs umount failed ({e}); forcing")
@@ -204,9 +237,10 @@ class SnapfsInstance:
             self.note(f"snapfs instance on {self.name} did not stop "
                       "cleanly; it was unmounted with fusermount3 -u -z and stopped")
         if os.path.isdir(self.state_dir) and not any(alive(p) for p in pids):
-            if unmounted and clean and not leftover:
+            if unmounted and clean and not leftover and not self._only_change_tracking():
                 self.note(f"snapfs umount returned 0 but left {os.path.basename(self.state_dir)} "
-                          "behind (a clean umount removes it); removed")
+                          "behind with more than its change tracking (a clean umount keeps "
+                          "only that); removed")
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _show_log(self, lines: int = 20) -> None:
