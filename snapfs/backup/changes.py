@@ -18,7 +18,8 @@ The rule: a cluster's bit is durable before the first write to it since the
 last boundary can reach SOURCE. `CopyBeforeWrite.write` asks `ready` (no
 checkpoint) before it writes, and awaits `track` until it is: `track` sets
 the bits and syncs them (msync) in a worker thread, so the cost is one sync
-per newly changed cluster, never per write. A write sets and syncs exactly
+per newly changed cluster, never per write; writes that come while a sync
+runs are made durable together by the next one (group commit). A write sets and syncs exactly
 the bits of the clusters it touches, except that a write that starts where the last tracked one ended (a
 sequential writer) also gets the bits of the next `SEQUENTIAL_BATCH` clusters
 at once. The bits may say more than changed (the unwritten end of the last
@@ -95,7 +96,10 @@ class ChangeTracker:
         self.segments: list[ChangeMap] = []  # one per boundary
         self.spare: ChangeMap | None = None
         self.invalid: str | None = None  # why tracking was reset, until a new checkpoint
-        self._syncing: list[tuple[int, int, trio.Event, ChangeMap]] = []
+        #: bits set but not yet durable: waiting for a sync, and in the one running
+        self._unsynced: list[tuple[ChangeMap, int, int]] = []
+        self._syncing: list[tuple[ChangeMap, int, int]] = []
+        self._round: trio.Event | None = None  # set when the running sync ends
         self._retired: list[ChangeMap] = []  # removed, closed once no sync uses them
         self._sequential_end = -1  # where the last tracked write ended (cluster)
         self._saving = threading.Lock()  # saves run in worker threads
@@ -262,7 +266,7 @@ class ChangeTracker:
         self._close_retired()
 
     def _close_retired(self) -> None:
-        busy = {id(entry[3]) for entry in self._syncing}
+        busy = {id(entry[0]) for entry in (*self._unsynced, *self._syncing)}
         for segment in list(self._retired):
             if id(segment) not in busy:
                 segment.close()
@@ -313,34 +317,56 @@ class ChangeTracker:
             self._quiet_recorded = False
             self.write_heartbeat()
         c0, c1 = self.span(offset, end)
-        for first, stop, _, _ in self._syncing:
+        if self._pending(c0, c1):
+            return False
+        return self.segments[-1].next_clear(c0, c1) == c1
+
+    def _pending(self, c0: int, c1: int) -> bool:
+        """Whether bits of clusters [c0, c1) are set but not yet durable."""
+        for _, first, stop in (*self._unsynced, *self._syncing):
             if first < c1 and c0 < stop:
-                return False
-        active = self.segments[-1]
-        return active.next_clear(c0, c1) == c1
+                return True
+        return False
 
     async def track(self, offset: int, end: int) -> None:
-        """Make the bits of [offset, end) durable (see `ready`)."""
-        c0, c1 = self.span(offset, end)
-        for first, stop, done, _ in list(self._syncing):
-            if first < c1 and c0 < stop:
-                await done.wait()
-                return
+        """Make the bits of [offset, end) durable (see `ready`). Writes that
+        arrive while a sync runs join the next one: one sync for all of them
+        (group commit), whatever the number of writes in flight."""
         if not self.segments:
             return
+        c0, c1 = self.span(offset, end)
         active = self.segments[-1]
-        first, stop = c0, c1
-        if c0 <= self._sequential_end <= c1:  # a sequential writer: the next batch too
-            stop = min(self.clusters, max(c1, c0 + SEQUENTIAL_BATCH))
-        self._sequential_end = c1
-        active.set(first, stop)
-        entry = (first, stop, trio.Event(), active)
-        self._syncing.append(entry)
+        if active.next_clear(c0, c1) < c1:
+            first, stop = c0, c1
+            if c0 <= self._sequential_end <= c1:  # a sequential writer: the next batch too
+                stop = min(self.clusters, max(c1, c0 + SEQUENTIAL_BATCH))
+            self._sequential_end = c1
+            active.set(first, stop)
+            self._unsynced.append((active, first, stop))
+        while self._pending(c0, c1):
+            if self._round is not None:
+                await self._round.wait()  # a sync runs: the next one takes ours
+            else:
+                await self._sync_round()
+
+    async def _sync_round(self) -> None:
+        """Sync every bit set so far (in a worker thread), as one round."""
+        batch, self._unsynced = self._unsynced, []
+        self._syncing = batch
+        self._round = done = trio.Event()
+        spans: dict[int, tuple[ChangeMap, int, int]] = {}
+        for segment, first, stop in batch:
+            _, low, high = spans.get(id(segment), (segment, first, stop))
+            spans[id(segment)] = (segment, min(low, first), max(high, stop))
         try:
-            await trio.to_thread.run_sync(active.sync, first, stop)
+            await trio.to_thread.run_sync(_sync_all, list(spans.values()))
+        except BaseException:
+            self._unsynced[:0] = batch  # not durable: whoever waits on them tries again
+            raise
         finally:
-            self._syncing.remove(entry)
-            entry[2].set()
+            self._syncing = []
+            self._round = None
+            done.set()
             self._close_retired()
 
     # --- quiet and heartbeat --------------------------------------------
@@ -384,6 +410,11 @@ class ChangeTracker:
         if last is None:
             return None
         return min(self.changed_since(last["id"]).bit_count() * GRANULARITY, self.size)
+
+
+def _sync_all(spans: list[tuple[ChangeMap, int, int]]) -> None:
+    for segment, first, stop in spans:
+        segment.sync(first, stop)
 
 
 def extents(value: int, clusters: int, granularity: int, size: int) -> list[dict]:
