@@ -23,6 +23,7 @@ the job's pause.
 from __future__ import annotations
 
 import array
+import collections
 import logging
 
 import trio
@@ -40,6 +41,8 @@ CHUNK_BYTES = 4 << 20
 COPY_WORKERS = 2
 #: with a speed limit, a run holds at most this many seconds' worth of bytes
 PACE_SECONDS = 0.25
+#: the window over which the rate is measured
+RATE_WINDOW = 5.0
 #: longest error text kept (it goes into status and the copy map's header)
 MAX_ERROR_CHARS = 500
 
@@ -61,6 +64,8 @@ class BackupJob:
         self.bytes_done = 0
         #: what the job copied itself (the rest of bytes_done it found copied)
         self.bytes_copied = 0
+        #: (time, bytes_done) after recent chunks, for the rate
+        self._progress: collections.deque = collections.deque()
         if speed:
             chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
         self._max_clusters = max(1, chunk_bytes // store.cluster_size)
@@ -93,6 +98,29 @@ class BackupJob:
     def _run_bytes(self, first: int, end: int) -> int:
         start, stop = self.store.byte_span(first, end)
         return stop - start
+
+    def _note_progress(self) -> None:
+        now = trio.current_time()
+        self._progress.append((now, self.bytes_done))
+        while self._progress and self._progress[0][0] < now - RATE_WINDOW:
+            self._progress.popleft()
+
+    def rate(self) -> float | None:
+        """Bytes per second over the last RATE_WINDOW seconds (None: too early
+        to say, or not running)."""
+        if self.state != "running" or len(self._progress) < 2:
+            return None
+        (t0, b0), (t1, b1) = self._progress[0], self._progress[-1]
+        now = trio.current_time()
+        if now - t1 > RATE_WINDOW:  # nothing moved lately
+            return 0.0
+        return (b1 - b0) / (now - t0) if now > t0 else None
+
+    def seconds_left(self) -> float | None:
+        rate = self.rate()
+        if not rate:
+            return None
+        return max(0.0, (self.bytes_total - self.bytes_done) / rate)
 
     def cancel(self) -> None:
         """Stop the copy at the next run boundary, for good (nothing to do
@@ -183,6 +211,7 @@ class BackupJob:
             done = self._run_bytes(claim.first, claim.end)
             self.bytes_done += done
             self.bytes_copied += done
+            self._note_progress()
 
     async def _claim_next(self):
         """Claim the next run to copy, after waiting for its turn under the

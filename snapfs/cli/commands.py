@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from snapfs.cli import client
@@ -15,6 +16,8 @@ from snapfs.units import human
 
 #: how often `wait` and `cancel` look at the status
 POLL_SECONDS = 0.05
+#: how often `wait` updates its progress line on a terminal
+PROGRESS_SECONDS = 0.25
 #: how long `umount` waits for the daemon to flush and exit
 UMOUNT_TIMEOUT = 300
 
@@ -92,9 +95,7 @@ def _snapshot_lines(info: dict) -> list[str]:
              f"state:     {info['state']}" + (f" ({info['error']})" if info["error"] else ""),
              f"sync:      {info['sync']}" + (f" (on {info['base']})" if info["base"] else "")]
     if info["sync"] != "none":
-        total = info["bytes_total"]
-        percent = 100 * info["bytes_done"] / total if total else 100.0
-        lines.append(f"copied:    {human(info['bytes_done'])} of {human(total)} ({percent:.0f}%)")
+        lines.append(f"copied:    {progress(info)}")
     lines += [f"by writes: {info['clusters_copied_by_writes']} clusters of "
               f"{human(info['cluster_size'])} copied before a write",
               f"target:    {info['target']}"]
@@ -117,17 +118,49 @@ def cmd_changes(args) -> int:
     return 0
 
 
+def progress(info: dict) -> str:
+    """Percent, bytes done of total, rate and time left of a background copy."""
+    total = info["bytes_total"]
+    percent = 100 * info["bytes_done"] / total if total else 100.0
+    text = f"{percent:3.0f}% {human(info['bytes_done'])} of {human(total)}"
+    if info.get("rate") is not None:
+        text += f", {human(info['rate'])}/s"
+    if info.get("seconds_left") is not None:
+        text += f", {duration(info['seconds_left'])} left"
+    return text
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def cmd_wait(args) -> int:
     where, info = client.snapshot_status(args.path)
     if info["sync"] == "none":
         raise UserError("nothing to wait for: sync mode none has no background copy")
-    while info["state"] == "running":
-        time.sleep(POLL_SECONDS)
-        try:
-            info = _snapshot_by_dir(where.instance, info["snapshot_dir"])
-        except UserError:
-            raise UserError(f"{args.path}: released or unmounted before the background copy "
-                            "ended") from None
+    show = sys.stdout.isatty() and not args.quiet
+    shown = 0.0
+    try:
+        while info["state"] == "running":
+            if show and time.monotonic() - shown >= PROGRESS_SECONDS:
+                sys.stdout.write("\r\033[K" + progress(info))  # one line, updated in place
+                sys.stdout.flush()
+                shown = time.monotonic()
+            time.sleep(POLL_SECONDS)
+            try:
+                info = _snapshot_by_dir(where.instance, info["snapshot_dir"])
+            except UserError:
+                raise UserError(f"{args.path}: released or unmounted before the background "
+                                "copy ended") from None
+    finally:
+        if show and shown:
+            sys.stdout.write("\r\033[K" + progress(info) + "\n")
+            sys.stdout.flush()
     if info["state"] == "completed":
         return 0
     raise UserError(f"the background copy {info['state']}"

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from snapfs import __version__
 from snapfs.errors import UserError
 from snapfs.image import FORMATS
 from snapfs.protocol import SYNC_MODES
@@ -65,6 +66,7 @@ def _snapshot_options(parser: argparse.ArgumentParser, target_required: bool) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="snapfs", description="Point-in-time snapshots of a disk image in use.")
+    parser.add_argument("--version", action="version", version=f"snapfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     mount = commands.add_parser("mount", help="mount SOURCE as a live disk (and a first snapshot)")
@@ -99,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "snapshot")
     status.add_argument("path", metavar="LIVE|SNAPSHOT")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    for name, text in (("wait", "wait until a snapshot's background copy ends"),
-                       ("cancel", "stop a snapshot's background copy")):
-        commands.add_parser(name, help=text).add_argument("path", metavar="SNAPSHOT|LIVE")
+    wait = commands.add_parser("wait", help="wait until a snapshot's background copy ends")
+    wait.add_argument("path", metavar="SNAPSHOT|LIVE")
+    wait.add_argument("--quiet", action="store_true",
+                      help="no progress line (there is none unless stdout is a terminal)")
+    commands.add_parser("cancel", help="stop a snapshot's background copy").add_argument(
+        "path", metavar="SNAPSHOT|LIVE")
     umount = commands.add_parser("umount", help="release every snapshot, unmount the live disk")
     umount.add_argument("live", metavar="LIVE")
     umount.add_argument("--lazy", action="store_true",

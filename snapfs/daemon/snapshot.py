@@ -388,6 +388,8 @@ class Snapshot:
             "bytes_total": job.bytes_total if job else 0,
             "bytes_done": job.bytes_done if job else 0,
             "bytes_copied": job.bytes_copied if job else 0,
+            "rate": job.rate() if job else None,
+            "seconds_left": job.seconds_left() if job else None,
             "clusters_copied_by_writes": store.clusters_copied_by_writes if store else 0,
             "target": req.target,
             "target_format": self.target_format,
