@@ -33,6 +33,7 @@ from snapfs import filelock, mounts, protocol
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.backup.copymap import CopyMap
 from snapfs.backup.changes import GRANULARITY, ChangeTracker, extents, source_record
+from snapfs.daemon import systemd
 from snapfs.daemon.control_server import serve_control
 from snapfs.daemon.snapshot import Snapshot
 from snapfs.daemon.spawner import Spawner
@@ -139,9 +140,12 @@ class LiveDaemon:
             nursery.start_soon(self._terminate_when_stop_requested)
             nursery.start_soon(self._watch_quiet)
             self.readiness.ready(warnings=warnings)
-            log.info("serving %s (live)", os.path.join(cfg.live, cfg.name))
+            live = os.path.join(cfg.live, cfg.name)
+            systemd.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {live}")
+            log.info("serving %s (live)", live)
             await pyfuse3.main()
             log.info("the live mount is gone: stopping")
+            systemd.notify("STOPPING=1")
         finally:
             self.stopping = True
             with trio.CancelScope(shield=True):
@@ -152,6 +156,7 @@ class LiveDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("stopping: signal %s", signal.Signals(signum).name)
+                systemd.notify("STOPPING=1")
                 self.forced = True
                 self._stop_requested.set()
 
