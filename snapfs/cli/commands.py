@@ -102,6 +102,25 @@ def _snapshot_lines(info: dict) -> list[str]:
     return lines
 
 
+def cmd_export(args) -> int:
+    where = client.locate(args.snapshot)
+    if where.kind != "snapshot":
+        raise UserError(f"{args.snapshot}: not a snapshot (only a snapshot is exported)")
+    if args.socket is not None:
+        socket_path = os.path.abspath(args.socket)
+        if not os.path.isdir(os.path.dirname(socket_path)):
+            raise UserError(f"socket {args.socket}: its directory does not exist")
+        address = client.request(where.instance, "export", snapshot=where.point,
+                                 socket=socket_path)
+    else:
+        if args.bind is None:
+            raise UserError("--bind goes with --port")
+        address = client.request(where.instance, "export", snapshot=where.point,
+                                 port=args.port, bind=args.bind)
+    print(address)
+    return 0
+
+
 def cmd_changes(args) -> int:
     where = client.locate(args.snapshot)
     if where.kind != "snapshot":
@@ -204,4 +223,4 @@ def cmd_umount(args) -> int:
 
 
 COMMANDS = {"mount": cmd_mount, "snapshot": cmd_snapshot, "release": cmd_release,
-            "changes": cmd_changes, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel, "umount": cmd_umount}
+            "changes": cmd_changes, "export": cmd_export, "status": cmd_status, "wait": cmd_wait, "cancel": cmd_cancel, "umount": cmd_umount}

@@ -41,6 +41,12 @@ def _speed(text: str) -> int:
     return speed
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: a number from 1 to 65535")
+    return int(text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         self.exit(2, f"snapfs: {message} (see {self.prog} --help)\n")
@@ -91,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--lazy", action="store_true",
                          help="detach SNAPSHOT even while in use; it ends when its last "
                               "user lets go")
+
+    export = commands.add_parser("export", help="serve a snapshot read-only over NBD (nbdkit)")
+    export.add_argument("snapshot", metavar="SNAPSHOT")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--port", type=_port, metavar="N", help="listen on this TCP port")
+    export.add_argument("--bind", metavar="ADDR", default="127.0.0.1",
+                        help="with --port: the address to listen on (default 127.0.0.1; "
+                             "0.0.0.0 for every network)")
 
     changes = commands.add_parser("changes", help="list what an incremental snapshot copies")
     changes.add_argument("snapshot", metavar="SNAPSHOT")

@@ -91,6 +91,10 @@ async def _dispatch(daemon, request: dict) -> dict:
         snapshot.job.cancel()
         await snapshot.job.finished.wait()
         return protocol.ok(snapshot.status())
+    if command == "export":
+        where = ({"socket": request["socket"]} if request.get("socket") is not None
+                 else {"port": int(request["port"]), "bind": request["bind"]})
+        return protocol.ok(await daemon.export(request["snapshot"], where))
     if command == "changes":
         return protocol.ok(daemon.changes(request["snapshot"]))
     if command == "umount":

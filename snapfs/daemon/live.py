@@ -302,11 +302,12 @@ class LiveDaemon:
     async def _umount(self, lazy: bool) -> None:
         live = self.cfg.live
         if not lazy:
-            for point in [live] + [s.request.snapshot for s in self.snapshots
-                                   if s.failure is None]:
-                held = await trio.to_thread.run_sync(mounts.holders, point)
-                if held:
-                    raise UserError(f"{point} is busy, in use by {', '.join(held)}; "
+            held = [(live, await trio.to_thread.run_sync(mounts.holders, live))]
+            held += [(s.request.snapshot, await s.holders()) for s in self.snapshots
+                     if s.failure is None and not s.releasing]
+            for point, what in held:
+                if what:
+                    raise UserError(f"{point} is busy, in use by {', '.join(what)}; "
                                     "nothing unmounted")
         self.stopping = True
         try:
@@ -434,6 +435,20 @@ class LiveDaemon:
             "change_tracking_reset": self.tracker.invalid,
             "snapshots": [s.status() for s in self.snapshots],
         }
+
+    async def export(self, mountpoint: str, where: dict) -> str:
+        """Serve a snapshot over NBD; its address once nbdkit listens."""
+        snapshot = self.find(mountpoint)
+        if snapshot.failure is not None or snapshot.releasing or snapshot.process is None:
+            raise UserError(f"{mountpoint}: not being served (failed or being released)")
+        if "socket" in where:
+            for other in self.snapshots:
+                if any(e.where == where for e in other.exports):
+                    raise UserError(f"{where['socket']}: already exported there")
+            if os.path.lexists(where["socket"]):
+                raise UserError(f"{where['socket']}: exists already")
+        export = await snapshot.export(where, self.state.dir)
+        return export.describe()
 
     def changes(self, mountpoint: str) -> dict:
         """What an incremental snapshot copies: the extents changed since its

@@ -37,6 +37,7 @@ from snapfs.backup.copymap import CopyMap
 from snapfs.backup.job import BackupJob
 from snapfs.backup.store import Store
 from snapfs.backup.target import create_target
+from snapfs.daemon.export import Export
 from snapfs.daemon.spawner import SnapshotProcess, Spawner
 from snapfs.daemon.state import boot_id, identity, identity_of
 from snapfs.errors import UserError
@@ -77,6 +78,7 @@ class Snapshot:
         self.failure: str | None = None
         self.saved_entry: dict | None = None
         self.releasing = False
+        self.exports: list[Export] = []  # nbdkit processes serving it over NBD
         self.ended = trio.Event()
         self._files = contextlib.ExitStack()
         self._made: list[str] = []  # files made by `create`, removed if the start fails
@@ -309,10 +311,11 @@ class Snapshot:
             self.releasing = True
             await trio.to_thread.run_sync(mounts.lazy_unmount, point)
             return
-        held = await trio.to_thread.run_sync(mounts.holders, point)
+        held = await self.holders()
         if held:
             raise UserError(f"{point} is busy, in use by {', '.join(held)}; "
                             "the snapshot stays")
+        await self.stop_exports()
         why = await trio.to_thread.run_sync(mounts.unmount, point)
         if why is not None:
             held = await trio.to_thread.run_sync(mounts.holders, point)
@@ -321,8 +324,28 @@ class Snapshot:
         self.releasing = True
         await self.ended.wait()
 
+    async def holders(self) -> list[str]:
+        """What keeps its mount busy, but for its own NBD exports (they end
+        with it)."""
+        held = await trio.to_thread.run_sync(mounts.holders, self.request.snapshot)
+        return [h for h in held if not any(h.startswith(f"process {e.pid} ")
+                                           for e in self.exports)]
+
+    async def export(self, where: dict, run_dir: str) -> Export:
+        """Serve the snapshot over NBD (see daemon/export.py)."""
+        export = Export(where)
+        await export.start(self, run_dir)
+        self.exports.append(export)
+        return export
+
+    async def stop_exports(self) -> None:
+        for export in self.exports:
+            await export.stop()
+        self.exports.clear()
+
     async def kill(self) -> None:
         """Stop the snapshot process now (it detaches its mount)."""
+        await self.stop_exports()
         process = self.process
         if process is None or process.done:
             return
@@ -345,6 +368,7 @@ class Snapshot:
             self.ended.set()
             return
         job, store = self.job, self.store
+        await self.stop_exports()  # before copy-before-write for it stops
         job.stop()
         await job.finished.wait()
         engine.remove(store)
@@ -399,6 +423,7 @@ class Snapshot:
             "created": self.created,
             "releasing": self.releasing,
             "base": self.base["target"] if self.base else None,
+            "exports": [e.describe() for e in self.exports],
             "checkpoint": self._checkpoint_state(),
         }
 

@@ -53,6 +53,11 @@ class Image(abc.ABC):
         may report more than is allocated (never less): TOP copies what is
         reported."""
 
+    def zero_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Ranges within those `data_extents` reports that surely read as
+        zeroes (a format's zero clusters). A driver may report fewer."""
+        return iter(())
+
     def stat(self) -> os.stat_result:
         """The file's status (owner, permissions, times), from its descriptor."""
         return os.fstat(self.fd)

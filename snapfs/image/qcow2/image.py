@@ -297,6 +297,16 @@ class Qcow2Image(Image):
         if offset < end:
             yield from self._clusters.extents(offset, end)
 
+    def zero_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Zero clusters of this layer (they read as zeroes, whatever lies below)."""
+        end = min(offset + length, self.size)
+        if offset < end:
+            with self._lock:
+                runs = self._clusters.runs(offset, end - offset)
+            for run in runs:
+                if run.kind == ZERO:
+                    yield max(run.start, offset), min(run.stop, end)
+
     # ------------------------------------------------------------------
     # writing
     # ------------------------------------------------------------------
