@@ -29,6 +29,7 @@ class Mount(NamedTuple):
     fstype: str
     device: str  # "major:minor"
     source: str  # the file system's name (FUSE's fsname option)
+    id: int = 0  # the mount's id, as /proc/PID/fdinfo shows it (mnt_id)
 
 
 def mount_table() -> list[Mount]:
@@ -39,7 +40,7 @@ def mount_table() -> list[Mount]:
             fields = line.split()
             sep = fields.index(b"-")
             table.append(Mount(_unescape(fields[4]), fields[sep + 1].decode(),
-                               fields[2].decode(), _unescape(fields[sep + 2])))
+                               fields[2].decode(), _unescape(fields[sep + 2]), int(fields[0])))
     return table
 
 
@@ -109,33 +110,40 @@ def snapfs_mount_beneath(path: str) -> str | None:
     return None
 
 
-def _links_of(pid: str) -> list[str]:
-    """The paths process `pid` holds: open files, working and root
-    directories, mapped files."""
+def _uses(pid: str, mount: Mount) -> bool:
+    """Whether process `pid` uses a file on `mount`: an open file (its
+    mnt_id), a mapping (its device), its working or root directory. Asks the
+    file system nothing (a stat there could hang on a FUSE mount)."""
     base = f"/proc/{pid}"
-    paths = []
-    for name in ("cwd", "root", "exe"):
+    for name in ("cwd", "root"):
         try:
-            paths.append(os.readlink(f"{base}/{name}"))
+            if inside(os.readlink(f"{base}/{name}"), mount.point):
+                return True
         except OSError:
             pass
     try:
-        for fd in os.listdir(f"{base}/fd"):
-            try:
-                paths.append(os.readlink(f"{base}/fd/{fd}"))
-            except OSError:
-                pass
+        fds = os.listdir(f"{base}/fdinfo")
     except OSError:
-        pass
+        fds = []
+    wanted = b"mnt_id:\t%d\n" % mount.id
+    for fd in fds:
+        try:
+            with open(f"{base}/fdinfo/{fd}", "rb") as f:
+                if wanted in f.read():
+                    return True
+        except OSError:
+            pass
+    major, minor = (int(n) for n in mount.device.split(":"))
+    device = b"%02x:%02x" % (major, minor)
     try:
         with open(f"{base}/maps", "rb") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].startswith(b"/"):
-                    paths.append(os.fsdecode(fields[5].rstrip(b"\n")))
+                if len(fields) >= 4 and fields[3] == device:
+                    return True
     except OSError:
         pass
-    return paths
+    return False
 
 
 def _process_name(pid: str) -> str:
@@ -146,15 +154,16 @@ def _process_name(pid: str) -> str:
         return "?"
 
 
-def holders(point: str) -> list[str]:
+def holders(point: str, ignore: frozenset[int] = frozenset()) -> list[str]:
     """What keeps the mount on `point` busy, for a message: processes using
-    a file below it, loop devices over such a file (and where they are
-    mounted), mounts below it. Empty if nothing was found."""
+    a file on it (but those in `ignore`), loop devices over a file on it (and
+    where they are mounted), mounts below it. Empty if nothing was found."""
     found = []
     table = mount_table()
-    for mount in table:
-        if mount.point != point and inside(mount.point, point):
-            found.append(f"a mount on {mount.point}")
+    mount = find_mount(point)
+    for other in table:
+        if other.point != point and inside(other.point, point):
+            found.append(f"a mount on {other.point}")
     try:
         loops = sorted(os.listdir("/sys/block"))
     except OSError:
@@ -169,10 +178,11 @@ def holders(point: str) -> list[str]:
             mounted = [m.point for m in table if m.source == f"/dev/{name}"]
             found.append(f"loop device /dev/{name}"
                          + (f" (mounted on {', '.join(mounted)})" if mounted else ""))
-    me = str(os.getpid())
-    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit() and p != me), key=int):
-        if any(inside(path, point) for path in _links_of(pid)):
-            found.append(f"process {pid} ({_process_name(pid)})")
+    if mount is not None:
+        me = os.getpid()
+        for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+            if int(pid) != me and int(pid) not in ignore and _uses(pid, mount):
+                found.append(f"process {pid} ({_process_name(pid)})")
     return found
 
 

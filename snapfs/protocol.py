@@ -61,6 +61,12 @@ class SnapshotRequest(_Record):
     force: bool = False
     #: for incremental: the backup (its target) to build on; None: the last one
     base: str | None = None
+    #: SNAPSHOT is a regular file: the image appears there itself
+    on_file: bool = False
+
+    def file(self, name: str) -> str:
+        """Where the point-in-time image appears."""
+        return self.snapshot if self.on_file else os.path.join(self.snapshot, name)
 
 
 @dataclass
@@ -73,6 +79,13 @@ class LiveConfig(_Record):
     format: str = "raw"
     #: a snapshot to take before the live disk accepts its first write
     snapshot: SnapshotRequest | None = None
+    #: LIVE is a regular file (SOURCE itself, maybe): the disk appears there itself
+    on_file: bool = False
+
+    @property
+    def file(self) -> str:
+        """Where the live disk appears."""
+        return self.live if self.on_file else os.path.join(self.live, self.name)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -60,9 +60,9 @@ def check_mount_point(path: str, what: str) -> str:
     if fstype is not None:
         raise UserError(f"{what} {path}: busy, something is mounted there already")
     if not os.path.exists(real):
-        raise UserError(f"{what} {path}: no such directory")
-    if not os.path.isdir(real):
-        raise UserError(f"{what} {path}: not a directory")
+        raise UserError(f"{what} {path}: no such directory or file")
+    if not (os.path.isdir(real) or os.path.isfile(real)):
+        raise UserError(f"{what} {path}: neither a directory nor a regular file")
     other = mounts.snapfs_mount_containing(real)
     if other:
         raise UserError(f"{what} {path}: inside the snapfs mount {other}")
@@ -97,7 +97,10 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
     `live`: SNAPSHOT and --target as the command line gives them."""
     snapshot = check_mount_point(args.snapshot, "SNAPSHOT")
     if snapshot == live:
-        raise UserError(f"LIVE and SNAPSHOT are the same directory: {args.snapshot}")
+        raise UserError(f"LIVE and SNAPSHOT are the same: {args.snapshot}")
+    if snapshot == os.path.realpath(source):
+        raise UserError(f"SNAPSHOT {args.snapshot}: is SOURCE (only the live disk may be "
+                        "mounted over its own file)")
     if mounts.inside(live, snapshot) or mounts.inside(snapshot, live):
         raise UserError("LIVE and SNAPSHOT must not lie inside each other")
     check_not_covering(source, source, snapshot, "SNAPSHOT")
@@ -150,7 +153,8 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
         raise UserError("--base goes with --sync incremental")
     return SnapshotRequest(snapshot=snapshot, target=target, sync=args.sync,
                            target_format=target_format, cluster_size=args.cluster_size,
-                           speed=args.speed, force=args.force, base=base)
+                           speed=args.speed, force=args.force, base=base,
+                           on_file=not os.path.isdir(snapshot))
 
 
 def _same_file(path: str, st: os.stat_result | None) -> bool:

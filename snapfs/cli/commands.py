@@ -29,8 +29,8 @@ def cmd_snapshot(args) -> int:
     info = client.status(live.instance)
     request = check_snapshot(args, info["source"], _source_status(info), info["format"],
                              live.point)
-    client.request(live.instance, "snapshot", request=request.to_dict())
-    check_serving([os.path.join(request.snapshot, os.path.basename(info["live"]))])
+    taken = client.request(live.instance, "snapshot", request=request.to_dict())
+    check_serving([taken["snapshot"]])
     return 0
 
 

@@ -33,7 +33,9 @@ def check_mount_args(args) -> LiveConfig:
     # beside the file itself, not beside a symbolic link to it.
     source = os.path.realpath(given)
     live = check_mount_point(args.live, "LIVE")
-    check_not_covering(given, args.source, live, "LIVE")
+    on_file = not os.path.isdir(live)
+    if live != source:  # mounting the live disk over its own file is fine
+        check_not_covering(given, args.source, live, "LIVE")
     snapshot = None
     if args.snapshot is not None:
         if args.target is None:
@@ -48,7 +50,7 @@ def check_mount_args(args) -> LiveConfig:
             raise UserError(f"{options[0]} is an option of a snapshot: give SNAPSHOT too, or "
                             "take one later with snapfs snapshot")
     return LiveConfig(source=source, live=live, name=os.path.basename(given), format=fmt,
-                      snapshot=snapshot)
+                      snapshot=snapshot, on_file=on_file)
 
 
 def cmd_mount(args) -> int:
@@ -92,9 +94,9 @@ def cmd_mount(args) -> int:
                         f"{start_timeout():g} s; stopped it")
     why, info = parse_readiness(line) if line else ("", {})
     if why is None:
-        paths = [os.path.join(cfg.live, cfg.name)]
+        paths = [cfg.file]
         if cfg.snapshot:
-            paths.append(os.path.join(cfg.snapshot.snapshot, cfg.name))
+            paths.append(cfg.snapshot.file(cfg.name))
         try:
             check_serving(paths)
         except UserError:

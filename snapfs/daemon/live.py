@@ -131,8 +131,8 @@ class LiveDaemon:
         if cfg.snapshot is not None:
             await self.take(cfg.snapshot)
         try:
-            pyfuse3.init(LiveOperations(cfg.name, self.engine), cfg.live,
-                         mount_options(self.instance))
+            pyfuse3.init(LiveOperations(cfg.name, self.engine, root_is_file=cfg.on_file),
+                         cfg.live, mount_options(self.instance))
         except RuntimeError:
             raise UserError(f"{cfg.live}: cannot mount the live disk there") from None
         try:
@@ -140,7 +140,7 @@ class LiveDaemon:
             nursery.start_soon(self._terminate_when_stop_requested)
             nursery.start_soon(self._watch_quiet)
             self.readiness.ready(warnings=warnings)
-            live = os.path.join(cfg.live, cfg.name)
+            live = cfg.file
             systemd.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {live}")
             log.info("serving %s (live)", live)
             await pyfuse3.main()
@@ -423,7 +423,7 @@ class LiveDaemon:
             "source": cfg.source,
             "format": cfg.format,
             "size": self.source.size,
-            "live": os.path.join(cfg.live, cfg.name),
+            "live": cfg.file,
             "live_dir": cfg.live,
             "pid": os.getpid(),
             "started": self.started_at,

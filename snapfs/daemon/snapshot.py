@@ -67,7 +67,7 @@ class Snapshot:
         self.target_format = request.target_format or source_format
         self.name = name
         self.instance = instance
-        self.file = os.path.join(request.snapshot, name)
+        self.file = request.file(name)
         self.store: Store | None = None
         self.job: BackupJob | None = None
         self.process: SnapshotProcess | None = None
@@ -260,6 +260,7 @@ class Snapshot:
             "name": self.name, "mountpoint": req.snapshot, "instance": self.instance,
             "source_path": self.source.path, "format": self.source_format,
             "target_format": self.target_format, "times": _stat_to(self.times),
+            "on_file": req.on_file,
         }
         try:
             self.process = await spawner.spawn(
@@ -327,9 +328,8 @@ class Snapshot:
     async def holders(self) -> list[str]:
         """What keeps its mount busy, but for its own NBD exports (they end
         with it)."""
-        held = await trio.to_thread.run_sync(mounts.holders, self.request.snapshot)
-        return [h for h in held if not any(h.startswith(f"process {e.pid} ")
-                                           for e in self.exports)]
+        ours = frozenset(e.pid for e in self.exports)
+        return await trio.to_thread.run_sync(mounts.holders, self.request.snapshot, ours)
 
     async def export(self, where: dict, run_dir: str) -> Export:
         """Serve the snapshot over NBD (see daemon/export.py)."""

@@ -72,7 +72,8 @@ async def serve(config: dict, fds: dict, readiness: Readiness) -> None:
 async def _serve(config: dict, lifeline: int, readiness: Readiness,
                  reader: SnapshotReader) -> None:
     point = config["mountpoint"]
-    ops = SnapshotOperations(config["name"], reader, times_from(config["times"]))
+    ops = SnapshotOperations(config["name"], reader, times_from(config["times"]),
+                             root_is_file=config["on_file"])
     try:
         pyfuse3.init(ops, point, mount_options(config["instance"]))
     except RuntimeError:

@@ -18,8 +18,9 @@ class LiveOperations(SingleFileOperations):
     size and data, as qemu-storage-daemon's FUSE export does. pyfuse3 has no
     fallocate handler, so the kernel refuses fallocate with EOPNOTSUPP."""
 
-    def __init__(self, name: str, engine: CopyBeforeWrite):
-        super().__init__(name, engine.size, engine.source.stat, writable=True)
+    def __init__(self, name: str, engine: CopyBeforeWrite, root_is_file: bool = False):
+        super().__init__(name, engine.size, engine.source.stat, writable=True,
+                         root_is_file=root_is_file)
         self.engine = engine
 
     async def open(self, inode, flags, ctx):
@@ -46,7 +47,7 @@ class LiveOperations(SingleFileOperations):
         await self.engine.flush()
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if inode == pyfuse3.ROOT_INODE:
+        if inode != self.file_inode:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_size and attr.st_size != self.size:
             raise pyfuse3.FUSEError(errno.EPERM)  # the disk's size is fixed

@@ -1,5 +1,6 @@
 """What the live and the snapshot mounts share: a root directory holding one
-regular file that stands for a disk image.
+regular file that stands for a disk image, or, for a mount on a regular file,
+that file itself as the root.
 
 The file reports its image's owner and permission bits (the snapshot's
 without write), read from the image's open descriptor: renaming or deleting
@@ -19,6 +20,7 @@ import pyfuse3
 
 from snapfs.fuse.boundary import ErrorBoundary
 
+#: the file's inode when the mount point is a directory
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 #: how long the kernel may cache attributes and names: short, so that a
 #: chmod or chown of the image reaches the mounts' permission checks soon
@@ -27,15 +29,18 @@ _WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
 
 class SingleFileOperations(ErrorBoundary):
-    """A root directory with one regular file, `name`, of a fixed `size`.
+    """A root directory with one regular file, `name`, of a fixed `size`; or,
+    with `root_is_file`, that file as the root (a mount on a regular file).
 
     `image_stat` returns the image file's current status (owner and
     permissions come from it); `times`, if given, is a fixed status whose
     times the file reports instead of the current ones."""
 
     def __init__(self, name: str, size: int, image_stat: Callable[[], os.stat_result],
-                 writable: bool, times: os.stat_result | None = None):
+                 writable: bool, times: os.stat_result | None = None,
+                 root_is_file: bool = False):
         super().__init__()
+        self.file_inode = pyfuse3.ROOT_INODE if root_is_file else FILE_INODE
         self.name = os.fsencode(name)
         self.size = size
         self.image_stat = image_stat
@@ -58,7 +63,7 @@ class SingleFileOperations(ErrorBoundary):
         attrs.st_mtime_ns = times.st_mtime_ns
         attrs.st_ctime_ns = times.st_ctime_ns
         attrs.st_blksize = 4096
-        if inode == pyfuse3.ROOT_INODE:
+        if inode != self.file_inode:
             attrs.st_mode = stat.S_IFDIR | 0o755
             attrs.st_nlink = 2
             attrs.st_size = 0
@@ -72,12 +77,12 @@ class SingleFileOperations(ErrorBoundary):
         return attrs
 
     async def getattr(self, inode, ctx=None):
-        if inode not in (pyfuse3.ROOT_INODE, FILE_INODE):
+        if inode not in (pyfuse3.ROOT_INODE, self.file_inode):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attributes(inode)
 
     async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode != pyfuse3.ROOT_INODE:
+        if parent_inode != pyfuse3.ROOT_INODE or self.file_inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == self.name:
             return self._attributes(FILE_INODE)
@@ -88,7 +93,7 @@ class SingleFileOperations(ErrorBoundary):
     # --- the directory --------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        if inode != pyfuse3.ROOT_INODE:
+        if inode != pyfuse3.ROOT_INODE or self.file_inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
@@ -112,10 +117,11 @@ class SingleFileOperations(ErrorBoundary):
     # --- the file -------------------------------------------------------
 
     def check_open(self, inode: int, flags: int) -> None:
+        if inode == self.file_inode:
+            return
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if inode != FILE_INODE:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def open(self, inode, flags, ctx):
         self.check_open(inode, flags)

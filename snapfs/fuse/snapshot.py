@@ -17,10 +17,11 @@ from snapfs.backup.reader import SnapshotReader
 
 
 class SnapshotOperations(SingleFileOperations):
-    def __init__(self, name: str, reader: SnapshotReader, times):
+    def __init__(self, name: str, reader: SnapshotReader, times, root_is_file: bool = False):
         """`times`: SOURCE's times at the point in time (st_atime_ns, ...);
         owner and permissions (minus write) follow SOURCE's current ones."""
-        super().__init__(name, reader.size, reader.source.stat, writable=False, times=times)
+        super().__init__(name, reader.size, reader.source.stat, writable=False, times=times,
+                         root_is_file=root_is_file)
         self.reader = reader
 
     def check_open(self, inode, flags):
