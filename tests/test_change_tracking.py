@@ -236,3 +236,27 @@ def test_bits_of_a_boundary_the_index_missed_are_kept(tmp_path):
     again.close()
     tracker.close()
     image.close()
+
+
+def test_a_sequential_writer_is_synced_ahead_but_reported_exactly(tmp_path, monkeypatch):
+    log = Log()
+    recording(log, monkeypatch)
+    image = RawImage.open(str(write_image(tmp_path / "src", bytes(SIZE))), writable=True)
+    tracker = ChangeTracker.open(str(tmp_path / "changes"), SIZE, recorder(image))
+    engine = CopyBeforeWrite(image, tracker)
+
+    async def play():
+        await trio.to_thread.run_sync(tracker.make_spare)
+        tracker.add_boundary("full", {})
+        for c in range(10, 20):  # one cluster at a time, each where the last ended
+            await engine.write(c * GRANULARITY, bytes(GRANULARITY))
+        syncs = [e for e in log.events if e[0] == "sync"]
+        assert len(syncs) <= 2, f"{len(syncs)} syncs for one sequential run"
+        assert tracker.changed_since("full") == sum(1 << c for c in range(10, 20))
+        await trio.to_thread.run_sync(tracker.make_spare)
+        tracker.add_boundary("next", {})  # the bits ahead that no write reached go
+        assert tracker.changed_since("full") == sum(1 << c for c in range(10, 20))
+
+    trio.run(play)
+    tracker.close()
+    image.close()

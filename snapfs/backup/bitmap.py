@@ -123,6 +123,10 @@ class ClusterBitmap:
             mm[base + (c0 >> 3)] |= 1 << (c0 & 7)
             c0 += 1
 
+    def clear(self, c: int) -> None:
+        """Clear the bit of cluster `c`."""
+        self._mm[self._base + (c >> 3)] &= ~(1 << (c & 7)) & 0xFF
+
     def next_clear(self, c: int, end: int) -> int:
         """The first cluster in [c, end) whose bit is clear, or `end`."""
         return self._next(c, end, want_set=False)

@@ -22,8 +22,10 @@ per newly changed cluster, never per write; writes that come while a sync
 runs are made durable together by the next one (group commit). A write sets and syncs exactly
 the bits of the clusters it touches, except that a write that starts where the last tracked one ended (a
 sequential writer) also gets the bits of the next `SEQUENTIAL_BATCH` clusters
-at once. The bits may say more than changed (the unwritten end of the last
-batch), never less.
+at once. Those bits ahead are remembered until a write reaches them; at the
+next boundary, the ones still unwritten are cleared again and left out of
+what changed. So the bits say exactly what changed, except after a crash:
+then they may say more (bits ahead that no write reached), never less.
 
 Files, in the live disk's state directory (`changes/`): `index.json` (the
 boundaries, the segments' files, the SOURCE record below), one bitmap file
@@ -102,6 +104,7 @@ class ChangeTracker:
         self._round: trio.Event | None = None  # set when the running sync ends
         self._retired: list[ChangeMap] = []  # removed, closed once no sync uses them
         self._sequential_end = -1  # where the last tracked write ended (cluster)
+        self._ahead: set[int] = set()  # bits set ahead of a sequential writer, not yet written
         self._saving = threading.Lock()  # saves run in worker threads
         self._last_write = 0.0
         self._quiet_recorded = True
@@ -233,6 +236,11 @@ class ChangeTracker:
         """Cut time now (no checkpoint: call at the point in time, after
         `make_spare`); writes from here on are the new boundary's."""
         assert self.spare is not None, "make_spare first"
+        if self.segments:  # bits set ahead that no write reached: nothing changed there
+            for c in self._ahead:
+                self.segments[-1].clear(c)
+        self._ahead.clear()
+        self._sequential_end = -1
         self.boundaries.append({"id": boundary_id, "state": "pending", "backup": backup})
         self.segments.append(self.spare)
         self.spare = None
@@ -299,6 +307,9 @@ class ChangeTracker:
         value = 0
         for segment in self.segments[first:last]:
             value |= segment.bits()
+        if until is None:
+            for c in self._ahead:  # set ahead, not written (yet)
+                value &= ~(1 << c)
         return value
 
     # --- the write path -------------------------------------------------
@@ -319,7 +330,11 @@ class ChangeTracker:
         c0, c1 = self.span(offset, end)
         if self._pending(c0, c1):
             return False
-        return self.segments[-1].next_clear(c0, c1) == c1
+        if self.segments[-1].next_clear(c0, c1) != c1:
+            return False
+        if self._ahead:  # bits set ahead that this write now makes true
+            self._ahead.difference_update(range(c0, c1))
+        return True
 
     def _pending(self, c0: int, c1: int) -> bool:
         """Whether bits of clusters [c0, c1) are set but not yet durable."""
@@ -340,6 +355,7 @@ class ChangeTracker:
             first, stop = c0, c1
             if c0 <= self._sequential_end <= c1:  # a sequential writer: the next batch too
                 stop = min(self.clusters, max(c1, c0 + SEQUENTIAL_BATCH))
+                self._ahead.update(c for c in range(c1, stop) if not active.get(c, c + 1))
             self._sequential_end = c1
             active.set(first, stop)
             self._unsynced.append((active, first, stop))
