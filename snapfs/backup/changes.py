@@ -306,10 +306,11 @@ class ChangeTracker:
         last = ids.index(until) if until is not None else len(ids)
         value = 0
         for segment in self.segments[first:last]:
-            value |= segment.bits()
-        if until is None:
-            for c in self._ahead:  # set ahead, not written (yet)
-                value &= ~(1 << c)
+            bits = segment.bits()
+            if segment is self.segments[-1]:  # the active one: less what is set ahead
+                for c in self._ahead:
+                    bits &= ~(1 << c)
+            value |= bits
         return value
 
     # --- the write path -------------------------------------------------
