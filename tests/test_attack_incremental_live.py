@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import random_bytes
+from conftest import random_bytes, wait_until
 from test_attack_common import snapfs, status
 from test_attack_incremental import (CLUSTER, MiB, SIZE, Disk, chain_bytes, chain_is,  # noqa: F401
                                      disk, env, qemu_img, qemu_io, refused_in_one_line)
@@ -598,3 +598,48 @@ def test_incrementals_while_a_writer_never_pauses(disk):
         for w in writers:
             w.__exit__()
     assert all(w.error is None and w.count > 20 for w in writers)
+
+
+def test_snapshot_process_killed_during_an_incremental(disk):
+    """kill -9 of the snapshot's own process while its incremental copies:
+    it did not complete, so its changes go to the next incremental."""
+    d = disk()
+    full_then_changes(d)
+    d.snapshot("inc", "incremental", "--speed", "1")
+    pid = status(d.root / "inc")["pid"]
+    os.kill(pid, 9)
+    assert wait_until(lambda: not any(s["snapshot_dir"] == str(d.root / "inc")
+                                      for s in status(d.live_dir)["snapshots"]), timeout=20)
+    d.write(40 * CLUSTER, b"later")
+    assert incremental_is_safe(d, "inc2") == "exact"
+    info = json.loads(qemu_img("info", "--output=json", d.root / "inc2.qcow2").stdout)
+    assert info["backing-filename"] == "full.qcow2"
+
+
+def test_fusermount_of_an_incremental_before_it_completed(disk):
+    d = disk()
+    full_then_changes(d)
+    d.snapshot("inc", "incremental", "--speed", "1")
+    subprocess.run(["fusermount3", "-u", str(d.root / "inc")], check=True)
+    assert wait_until(lambda: not status(d.live_dir)["snapshots"], timeout=20)
+    assert status(d.live_dir)["bytes_changed"] == CLUSTER
+    assert incremental_is_safe(d, "inc2") == "exact"
+
+
+def test_target_forced_over_the_base_of_its_base_is_refused(disk):
+    """full <- inc1; an incremental (on inc1) with --force --target FULL
+    would replace a backup its own chain reads through: refused, FULL
+    intact."""
+    d = disk()
+    d.mount()
+    full, m0 = d.backup("full", "full")
+    d.write(1 * CLUSTER, random_bytes(CLUSTER, 90))
+    inc1, m1 = d.backup("inc1", "incremental")
+    d.write(2 * CLUSTER, random_bytes(CLUSTER, 91))
+    result = d.snapshot("inc2", "incremental", "--force", target=full, check=False)
+    if result.returncode == 0:
+        d.wait("inc2")
+        d.release("inc2")
+    assert full.exists(), f"the FULL was deleted: {result}"
+    assert chain_is(inc1, m1, d.root), f"inc1's chain was destroyed: {result}"
+    assert result.one_line_error, result
