@@ -350,7 +350,7 @@ Why the figures are what they are, where the time goes and what was tried:
 ## How to run it
 
 As root, on the machine to describe: `scripts/bench` (it installs QEMU, fio and
-the venv through `scripts/setup`; then about 10 minutes for the default 1 GiB
+the venv through `scripts/setup`; then about 13 minutes for the default 1 GiB
 image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
