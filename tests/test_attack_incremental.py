@@ -83,7 +83,8 @@ class Disk:
         return self.live_dir / self.source.name
 
     def mount(self, check=True):
-        result = snapfs("mount", self.source, self.live_dir)
+        extra = ["--format", "qcow2"] if self.source.suffix == ".qcow2" else []
+        result = snapfs("mount", self.source, self.live_dir, *extra)
         if check:
             assert result.returncode == 0, result
         return result

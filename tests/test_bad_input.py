@@ -91,14 +91,18 @@ def test_mount_point_missing(setup, which):
 
 
 @pytest.mark.parametrize("which", ["live", "snap"])
-def test_mount_point_not_a_directory(setup, which):
+def test_mount_point_neither_directory_nor_file(setup, which):
+    """A regular file is a valid mount point (the image appears at that path);
+    anything else (here a FIFO) is refused."""
     root, _ = setup
-    refuse(root, *mount_args(root, **{which: root / "plain-file"}), expect="not a directory")
+    os.mkfifo(root / "fifo")
+    refuse(root, *mount_args(root, **{which: root / "fifo"}),
+           expect="neither a directory nor a regular file")
 
 
 def test_same_mount_points(setup):
     root, _ = setup
-    refuse(root, *mount_args(root, snap=root / "live"), expect="same directory")
+    refuse(root, *mount_args(root, snap=root / "live"), expect="LIVE and SNAPSHOT are the same")
 
 
 def test_nested_mount_points(setup):

@@ -775,10 +775,16 @@ def _loop(tmp):
 
 
 def _deep_chain(tmp):
+    from snapfs.image.qcow2.image import MAX_CHAIN_DEPTH
+
     qemu_create(tmp / "l0.qcow2", MiB)
-    for i in range(1, 17):     # 17 images
-        qemu_create(tmp / f"l{i}.qcow2", MiB, backing=f"l{i - 1}.qcow2", backing_fmt="qcow2")
-    return tmp / "l16.qcow2"
+    for i in range(1, MAX_CHAIN_DEPTH):     # as deep as we go (made quickly by us)
+        Qcow2Image.create(str(tmp / f"l{i}.qcow2"), MiB, backing_file=f"l{i - 1}.qcow2",
+                          backing_format="qcow2").close()
+    top = tmp / f"l{MAX_CHAIN_DEPTH}.qcow2"     # one too many: qemu-img, without opening it
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f"l{MAX_CHAIN_DEPTH - 1}.qcow2",
+        "-F", "qcow2", top, "1M")
+    return top
 
 
 REFUSALS = [
@@ -800,7 +806,7 @@ REFUSALS = [
     ("vmdk backing", _vmdk_backing, "backing format 'vmdk'", True),
     ("missing backing", _missing_backing, "cannot open backing file base.qcow2", True),
     ("backing loop", _loop, "backing chain loop", True),
-    ("deep chain", _deep_chain, "deeper than 16", True),
+    ("deep chain", _deep_chain, "deeper than 256", True),
 ]
 
 

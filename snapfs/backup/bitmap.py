@@ -49,7 +49,8 @@ class ClusterBitmap:
         clusters = -(-size // cluster_size)
         needed = len(cls.MAGIC) + _SIZE_FIELD + len(_encode(info)) + HEADER_SLACK
         header_size = -(-needed // _PAGE) * _PAGE
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+        flags = (os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                 | (os.O_TRUNC if overwrite else os.O_EXCL))
         fd = os.open(path, flags, 0o644)
         try:
             # Allocate the blocks now: a store into a mapped page that the
@@ -65,10 +66,12 @@ class ClusterBitmap:
         return copymap
 
     @classmethod
-    def open(cls, path: str, writable: bool = False) -> "ClusterBitmap":
+    def open(cls, path: str, writable: bool = False, follow: bool = False) -> "ClusterBitmap":
         """Open an existing bitmap file, read-only unless `writable` (to go
-        on filling it after a restart)."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        on filling it after a restart). A symbolic link is refused unless
+        `follow` (for /proc/self/fd/N, the descriptors a process inherited)."""
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+                     | (0 if follow else os.O_NOFOLLOW))
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, prot)

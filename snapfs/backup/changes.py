@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import threading
 import time
 
@@ -74,6 +75,8 @@ QUIET_SECONDS = 1.0
 HEARTBEAT_SLACK_NS = 2_000_000_000
 
 INDEX = "index.json"
+#: what a boundary may be
+STATES = ("pending", "checkpoint")
 HEARTBEAT = "heartbeat"
 
 
@@ -123,35 +126,66 @@ class ChangeTracker:
                 index = json.load(f)
         except FileNotFoundError:
             index = None
-        except ValueError:
+        except (ValueError, OSError):
             index = {"size": None}  # damaged: start afresh, saying why
+            _remove_path(os.path.join(directory, INDEX))
         if index is not None:
             tracker._load(index)
         tracker._remove_strays()
         return tracker
 
-    def _load(self, index: dict) -> None:
-        if index.get("size") != self.size or index.get("granularity") != GRANULARITY:
-            self.invalid = "SOURCE's size changed, or the change tracking's index is damaged"
-            return
-        self.invalid = index.get("invalid")
-        why = self._changed_offline(index)
+    def _load(self, index) -> None:
         try:
-            for name in index.get("segments", []):
-                self.segments.append(ChangeMap.open(os.path.join(self.dir, name), writable=True))
-        except (OSError, ValueError) as e:
-            why = why or f"a change tracking file is missing or damaged ({e})"
-        self.boundaries = index.get("boundaries", [])
-        if len(self.segments) != len(self.boundaries):
-            why = why or "the change tracking's index is damaged"
+            why = self._load_checked(index)
+        except (TypeError, KeyError, ValueError, AttributeError, OSError) as e:
+            why = f"the change tracking's files are damaged ({e!r})"
+        if why:
+            self._reset(why)
+
+    def _load_checked(self, index) -> str | None:
+        """Open what the index lists, checking every piece; why it cannot be
+        trusted, or None. Raises on a damaged index."""
+        if not isinstance(index, dict):
+            raise ValueError("the index is not an object")
+        if index.get("size") != self.size or index.get("granularity") != GRANULARITY:
+            return "SOURCE's size changed, or the change tracking's index is damaged"
+        self.invalid = index.get("invalid")
+        if self.invalid is not None and not isinstance(self.invalid, str):
+            raise ValueError("invalid is not text")
+        boundaries, names = index.get("boundaries", []), index.get("segments", [])
+        counts = index.get("counts", [0] * len(names))
+        if not (isinstance(boundaries, list) and isinstance(names, list)
+                and isinstance(counts, list) and len(boundaries) == len(names) == len(counts)):
+            raise ValueError("boundaries, segments and counts do not match")
+        for boundary in boundaries:
+            backup = boundary["backup"]
+            if not (isinstance(boundary["id"], str) and boundary["state"] in STATES
+                    and isinstance(backup, dict) and isinstance(backup.get("target"), str)):
+                raise ValueError("a boundary's record is incomplete")
+        why = self._changed_offline(index)
+        for name, count in zip(names, counts):
+            segment = self._open_segment(name)
+            self.segments.append(segment)
+            if segment.count() < count:  # bits are never cleared but by a boundary
+                why = why or f"change tracking segment {name} lost bits"
+        self.boundaries = boundaries
         spare = index.get("spare")
-        if spare and os.path.exists(os.path.join(self.dir, spare)):
-            self.spare = ChangeMap.open(os.path.join(self.dir, spare), writable=True)
+        if spare and os.path.lexists(os.path.join(self.dir, spare)):
+            self.spare = self._open_segment(spare)
             if self.segments and self.spare.count():  # a boundary the index missed
                 self.segments[-1].set_bits(self.spare.bits())
                 self.segments[-1].flush()
-        if why:
-            self._reset(why)
+        return why
+
+    def _open_segment(self, name: str) -> ChangeMap:
+        if not isinstance(name, str) or "/" in name:
+            raise ValueError(f"bad segment name {name!r}")
+        segment = ChangeMap.open(os.path.join(self.dir, name), writable=True)
+        if (segment.info.get("name") != name or segment.size != self.size
+                or segment.cluster_size != GRANULARITY):
+            segment.close()
+            raise ValueError(f"{name} is not a change tracking segment of this disk")
+        return segment
 
     def _changed_offline(self, index: dict) -> str | None:
         """Why SOURCE may have been written while no instance had it
@@ -159,10 +193,10 @@ class ChangeTracker:
         if not index.get("boundaries"):
             return None
         seen, now = index.get("seen"), self._record()
-        if seen is None:
+        if not isinstance(seen, dict):
             return "nothing recorded what SOURCE looked like"
         if now["identity"] != seen["identity"] or now["size"] != seen["size"]:
-            return "SOURCE is another file, or its size changed"
+            return "SOURCE (or a file of its backing chain) was replaced or changed"
         if (now["mtime_ns"], now["ctime_ns"]) == (seen["mtime_ns"], seen["ctime_ns"]):
             return None
         if not index.get("clean") and seen["boot_id"] == now["boot_id"]:
@@ -181,7 +215,9 @@ class ChangeTracker:
     def _reset(self, why: str) -> None:
         for segment in self.segments:
             _remove(segment)
-        self.segments, self.boundaries = [], []
+        if self.spare is not None:
+            _remove(self.spare)
+        self.segments, self.boundaries, self.spare = [], [], None
         self.invalid = why
 
     def _remove_strays(self) -> None:
@@ -190,7 +226,7 @@ class ChangeTracker:
             keep.add(os.path.basename(self.spare.path))
         for name in os.listdir(self.dir):
             if name.endswith(".map") and name not in keep:
-                os.unlink(os.path.join(self.dir, name))
+                _remove_path(os.path.join(self.dir, name))
 
     def save(self, clean: bool = False) -> None:
         """Write the index durably, with what SOURCE looks like now (from a
@@ -203,6 +239,7 @@ class ChangeTracker:
         index = {"size": self.size, "granularity": GRANULARITY,
                  "boundaries": self.boundaries,
                  "segments": [os.path.basename(s.path) for s in self.segments],
+                 "counts": [s.count() for s in self.segments],
                  "spare": os.path.basename(self.spare.path) if self.spare else None,
                  "invalid": self.invalid, "seen": self._record(), "clean": clean}
         path = os.path.join(self.dir, INDEX)
@@ -220,8 +257,9 @@ class ChangeTracker:
         """Make the segment file the next boundary will use (in a worker thread)."""
         if self.spare is None:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            name = os.path.join(self.dir, f"segment-{secrets.token_hex(6)}.map")
-            self.spare = ChangeMap.create(name, self.size, GRANULARITY, {})
+            name = f"segment-{secrets.token_hex(6)}.map"
+            self.spare = ChangeMap.create(os.path.join(self.dir, name), self.size, GRANULARITY,
+                                          {"name": name})
             self.spare.flush()
             _fsync_dir(self.dir)
 
@@ -263,8 +301,15 @@ class ChangeTracker:
                 return
 
     def _remove_boundary(self, i: int) -> None:
+        was_active = i == len(self.segments) - 1
         segment = self.segments.pop(i)
         del self.boundaries[i]
+        if was_active:  # what was set ahead in it: only what the segment before lacks
+            if i > 0:
+                before = self.segments[i - 1]
+                self._ahead = {c for c in self._ahead if not before.get(c, c + 1)}
+            else:
+                self._ahead.clear()
         if i > 0:  # the changes after it belong to the segment before it now
             before = self.segments[i - 1]
             before.set_bits(segment.bits())
@@ -335,6 +380,7 @@ class ChangeTracker:
             return False
         if self._ahead:  # bits set ahead that this write now makes true
             self._ahead.difference_update(range(c0, c1))
+        self._sequential_end = c1  # where the last write ended, tracked or not
         return True
 
     def _pending(self, c0: int, c1: int) -> bool:
@@ -426,7 +472,16 @@ class ChangeTracker:
         last = self.last_checkpoint()
         if last is None:
             return None
-        return min(self.changed_since(last["id"]).bit_count() * GRANULARITY, self.size)
+        changed = self.changed_since(last["id"])
+        total = changed.bit_count() * GRANULARITY
+        if changed >> (self.clusters - 1) & 1:  # the last cluster may be short
+            total -= self.clusters * GRANULARITY - self.size
+        return total
+
+    def touched(self) -> None:
+        """SOURCE's times are about to change without a write (utime through
+        the live disk): as for a write, a heartbeat first."""
+        self.ready(0, 0)
 
 
 def _sync_all(spans: list[tuple[ChangeMap, int, int]]) -> None:
@@ -457,6 +512,17 @@ def _remove(bitmap: ClusterBitmap) -> None:
         os.unlink(bitmap.path)
     except FileNotFoundError:
         pass
+
+
+def _remove_path(path: str) -> None:
+    """Remove a file, a link or a whole directory put where a file should be."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:

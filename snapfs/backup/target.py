@@ -40,7 +40,9 @@ def _name_from(target_path: str, backing_path: str) -> str:
     one directory, else the absolute path."""
     backing_path = os.path.abspath(backing_path)
     if os.path.dirname(backing_path) == os.path.dirname(os.path.abspath(target_path)):
-        return os.path.basename(backing_path)
+        name = os.path.basename(backing_path)
+        # QEMU takes "name:rest" for a protocol: "./" keeps it a file name
+        return "./" + name if ":" in name else name
     return backing_path
 
 

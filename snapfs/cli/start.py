@@ -81,7 +81,9 @@ def cmd_mount(args) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
         process = subprocess.Popen(
-            [sys.executable, "-m", "snapfs.daemon", cfg.to_json(), "--ready-fd", str(write_end)],
+            # -P: never import from the working directory (it is the caller's)
+            [sys.executable, "-P", "-m", "snapfs.daemon", cfg.to_json(), "--ready-fd",
+             str(write_end)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
             start_new_session=True)
     os.close(write_end)

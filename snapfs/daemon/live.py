@@ -72,6 +72,9 @@ class LiveDaemon:
         self.source: Image | None = None
         self.engine: CopyBeforeWrite | None = None
         self.tracker: ChangeTracker | None = None
+        self._lock_fd = -1
+        self._source_closed = False
+        self._backing_paths: list[str] = []  # SOURCE's backing chain, top down
         self.stopping = False  # no new snapshots
         self.forced = False  # a signal: end snapshots at once
         self._nursery: trio.Nursery | None = None
@@ -87,10 +90,15 @@ class LiveDaemon:
     async def run(self) -> None:
         cfg = self.cfg
         with contextlib.ExitStack() as stack:
-            stack.callback(os.close, filelock.lock(cfg.source, "source"))
+            self._lock_fd = filelock.lock(cfg.source, "source")
+            stack.callback(os.close, self._lock_fd)
             self.source = open_image(cfg.source, cfg.format, writable=True)
-            stack.callback(self.source.close)
+            stack.callback(self._close_source)
             filelock.share_chain(self.source)
+            layer = getattr(self.source, "backing", None)
+            while layer is not None:
+                self._backing_paths.append(layer.path)
+                layer = getattr(layer, "backing", None)
             for fd in (self._lifeline_read, self._lifeline_write):
                 stack.callback(os.close, fd)
             stack.callback(self.spawner.close)
@@ -118,6 +126,8 @@ class LiveDaemon:
                 # the answers still being sent get a moment, no more
                 handlers.cancel_scope.deadline = trio.current_time() + HANDLER_GRACE
             self.source.flush()
+            # (closing a qcow2 SOURCE gives its unused space back: record after)
+            self._close_source()
             if self.tracker.boundaries:  # what SOURCE looks like at this clean stop
                 self.tracker.record_quiet(clean=True)
         if not self.snapshots:  # nothing to bring back: only change tracking stays
@@ -174,7 +184,25 @@ class LiveDaemon:
                 tracker.write_heartbeat()
 
     def _source_record(self) -> dict:
-        return source_record(self.source.fd, identity(self.source.fd), boot_id())
+        """SOURCE now, seen through the descriptor that holds its lock (it
+        stays open until the very end, after the image is closed), with the
+        files of its backing chain (a change to a base image changes the
+        disk too)."""
+        record = source_record(self._lock_fd, identity(self._lock_fd), boot_id())
+        chain = []
+        for path in self._backing_paths:  # by path: at the stop the image is closed already
+            try:
+                st = os.stat(path)
+                chain.append([*identity_of(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+            except OSError as e:
+                chain.append(str(e))
+        record["identity"] = [*record["identity"], chain]
+        return record
+
+    def _close_source(self) -> None:
+        if not self._source_closed:
+            self._source_closed = True
+            self.source.close()
 
     async def _terminate_when_stop_requested(self) -> None:
         await self._stop_requested.wait()
@@ -249,21 +277,46 @@ class LiveDaemon:
             if base is None:
                 raise UserError(f"base {request.base}: not a completed backup of this live disk "
                                 "that change tracking still knows")
+        chain = self._chain_of(base)
+        target = os.path.realpath(request.target)
+        if any(os.path.realpath(b["backup"]["target"]) == target for b in chain):
+            raise UserError(f"target {request.target}: a backup in the chain it would build on")
+        for link in chain:
+            self._check_backup(link)
         backup = base["backup"]
+        return {"id": base["id"], "target": backup["target"],
+                "target_format": backup["target_format"]}
+
+    def _chain_of(self, base: dict) -> list[dict]:
+        """The checkpoint and those below it that change tracking still knows."""
+        chain, seen = [], set()
+        while base is not None and base["id"] not in seen:
+            chain.append(base)
+            seen.add(base["id"])
+            below = base["backup"].get("base")
+            base = self.tracker.find(below) if below else None
+        return chain
+
+    @staticmethod
+    def _check_backup(checkpoint: dict) -> None:
+        """A completed backup still as it was: the same file (identity), the
+        same copy map (its id), and not written since it was sealed."""
+        backup = checkpoint["backup"]
         try:
             found = identity_of(backup["target"])
+            st = os.stat(backup["target"])
             copymap = CopyMap.open(copymap_path(backup["target"]))
         except (OSError, ValueError) as e:
             raise UserError(f"base {backup['target']}: {e}; take a full backup") from None
         try:
-            if (found != backup["target_id"] or copymap.info.get("id") != base["id"]
-                    or copymap.info.get("state") != "completed"):
+            sealed = backup.get("sealed")
+            if (found != backup["target_id"] or copymap.info.get("id") != checkpoint["id"]
+                    or copymap.info.get("state") != "completed"
+                    or (sealed and sealed != [st.st_size, st.st_mtime_ns])):
                 raise UserError(f"base {backup['target']}: not the completed backup that was "
-                                "taken there (replaced or changed); take a full backup")
+                                "taken there (replaced or changed since); take a full backup")
         finally:
             copymap.close()
-        return {"id": base["id"], "target": backup["target"],
-                "target_format": backup["target_format"]}
 
     async def _start(self, snapshot: Snapshot) -> None:
         self.snapshots.append(snapshot)

@@ -227,7 +227,8 @@ class Snapshot:
         if tracker is not None and self.is_checkpoint and not brought_back:
             tracker.add_boundary(self.id, {
                 "target": req.target, "target_format": self.target_format, "sync": req.sync,
-                "target_id": identity(self.store.target.fd), "created": self.created})
+                "target_id": identity(self.store.target.fd), "created": self.created,
+                "base": self.base["id"] if self.base else None})
         if not brought_back:
             self.times = self.source.stat()
         engine.add(self.store)
@@ -382,10 +383,26 @@ class Snapshot:
                                  bytes_total=job.bytes_total)
         store.copymap.flush()
         self._files.close()
+        await self._seal()
         self._leave_no_mount()
         log.info("%s released: background copy %s, %d clusters copied by writes",
                  self.file, job.state, store.clusters_copied_by_writes)
         self.ended.set()
+
+    async def _seal(self) -> None:
+        """A checkpoint's target is final now that nothing writes it: record
+        its size and times, so that a later change to it is seen."""
+        tracker = self.tracker
+        boundary = tracker.find(self.id) if tracker is not None else None
+        if boundary is None or boundary["state"] != "checkpoint":
+            return
+        try:
+            st = os.stat(self.request.target)
+        except OSError:
+            return
+        # (not ctime: moving the file and back changes it, and nothing else)
+        boundary["backup"]["sealed"] = [st.st_size, st.st_mtime_ns]
+        await trio.to_thread.run_sync(tracker.save)
 
     def _leave_no_mount(self) -> None:
         """A snapshot process killed hard leaves its mount dead: detach it."""

@@ -55,7 +55,7 @@ async def serve(config: dict, fds: dict, readiness: Readiness) -> None:
         target = open_image(_inherited(fds["target"]), config["target_format"],
                             with_backing=False)
         try:
-            copymap = CopyMap.open(_inherited(fds["copymap"]))
+            copymap = CopyMap.open(_inherited(fds["copymap"]), follow=True)
             try:
                 for name in ("source", "target", "copymap"):
                     os.close(fds[name])  # reopened above

@@ -54,6 +54,8 @@ class LiveOperations(SingleFileOperations):
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_atime or fields.update_mtime:
+            if self.engine.tracker is not None:
+                self.engine.tracker.touched()
             now = self.engine.source.stat()
             atime = attr.st_atime_ns if fields.update_atime else now.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else now.st_mtime_ns

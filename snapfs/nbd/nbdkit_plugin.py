@@ -43,7 +43,7 @@ def get_ready():
     _state["source"] = open_image(_config["source"], _config["format"],
                                   backing_dir=_config.get("backing_dir") or None)
     _state["target"] = open_image(_config["target"], _config["target_format"], with_backing=False)
-    _state["copymap"] = CopyMap.open(_config["copymap"])
+    _state["copymap"] = CopyMap.open(_config["copymap"], follow=True)
     _state["fd"] = os.open(_config["snapshot"], os.O_RDONLY | os.O_CLOEXEC)
 
 

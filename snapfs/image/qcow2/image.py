@@ -31,7 +31,7 @@ from snapfs.image.qcow2.mapping import (COMPRESSED, DATA, UNALLOC, ZERO, Cluster
 from snapfs.image.qcow2.refcount import Refcounts
 from snapfs.image.raw import RawImage, punch_hole
 
-MAX_CHAIN_DEPTH = 16
+MAX_CHAIN_DEPTH = 256
 
 log = logging.getLogger("snapfs")
 
@@ -168,9 +168,13 @@ class Qcow2Image(Image):
                 try:
                     self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
                 except UserError as e:
-                    # name the image the user opened, then the chain down to the problem
+                    # name the image the user opened, then the backing file
+                    # where the problem is (deeper down: that one alone, so
+                    # that a long chain still gives a short line)
                     problem = str(e).removeprefix(f"{path}: ")
-                    raise self._refuse(f"backing file {shown}: {problem}") from None
+                    if not problem.startswith("backing file "):
+                        problem = f"backing file {shown}: {problem}"
+                    raise self._refuse(problem) from None
         except BaseException:
             if fd >= 0:
                 os.close(fd)
