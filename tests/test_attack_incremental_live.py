@@ -97,7 +97,8 @@ def test_offline_change_after_umount(disk, tmp_path, how):
     incremental_is_safe(d)
 
 
-@pytest.mark.parametrize("how", ["dd", "truncate-and-extend", "cp-over", "qemu-io"])
+@pytest.mark.parametrize("how", ["dd", pytest.param("truncate-and-extend", marks=pytest.mark.slow),
+                                 pytest.param("cp-over", marks=pytest.mark.slow), "qemu-io"])
 def test_offline_change_after_kill_9_while_quiet(disk, tmp_path, how):
     d = disk()
     full_then_changes(d)
@@ -382,6 +383,7 @@ def test_two_incrementals_at_once_second_cancelled(disk):
     assert info["backing-filename"] == "a.qcow2"
 
 
+@pytest.mark.slow
 def test_a_chain_of_twenty_incrementals(disk):
     """Nightly incrementals on one FULL for three weeks: docs/incremental.md
     refuses an incremental only for the reasons it lists (raw target, no
@@ -468,7 +470,7 @@ class Writer:
         self.thread.join()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_incrementals_while_a_writer_hammers(disk, seed):
     """The writer pauses only around each `snapfs snapshot` (so that the
     disk's content at the moment is known); the backups then run while it

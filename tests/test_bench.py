@@ -88,6 +88,7 @@ def _results_table(report: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: FUSE mounts, drop_caches, apt")
 def test_bench_quick_produces_a_full_table(tmp_path):
     workdir = tempfile.mkdtemp(prefix="snapfs-bench-test-", dir="/var/tmp")  # not tmpfs
