@@ -17,6 +17,20 @@ import pytest
 
 from conftest import fill, random_bytes, run_snapfs, tmpfs, write_image
 from faults import faulty_dir
+from snapfs import protocol
+
+#: snapfs as committed at 47790b2 keeps no trace of a write that copy-before-write
+#: refused; the error-policy rewrite (--on-cbw-error, in progress) reports it
+REPORTS_REFUSED_WRITES = hasattr(protocol, "CBW_ERROR_POLICIES")
+NO_REFUSED_WRITE_IN_STATUS = (
+    "snapfs status does not show a refused write's error: the guest's write fails and "
+    "the snapshot stays exact, but the snapshot's status stays state=running, error=null "
+    "(no field records failed copy-before-write) until the error-policy rewrite lands")
+
+
+def expect_refused_write_in_status(request, when: bool = True) -> None:
+    if when and not REPORTS_REFUSED_WRITES:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=NO_REFUSED_WRITE_IN_STATUS))
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -87,8 +101,9 @@ WRITE_FAULTS = [("ENOSPC", errno.ENOSPC, "No space left on device"),
 
 @pytest.mark.parametrize("sync", ["full", "none"])
 @pytest.mark.parametrize("name,code,text", WRITE_FAULTS, ids=[f[0] for f in WRITE_FAULTS])
-def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, sync, name, code,
-                                                     text):
+def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, request, sync, name,
+                                                     code, text):
+    expect_refused_write_in_status(request)
     source, oracle = make_source(tmp_path)
     inst = mount(source, sync=sync, cluster_size="64K", speed=SLOW,
                  target=faulty.path / "target.img")
@@ -100,7 +115,7 @@ def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, sy
     assert faulty.stats()["write"]["failed"] >= 1
     assert pread(inst.snapshot, 4096, LATE) == oracle[LATE:LATE + 4096]
     assert inst.snapshot.read_bytes() == oracle
-    assert text in json.dumps(snapshot_status(inst)), "status shows the error"
+    status_then = json.dumps(snapshot_status(inst))
     assert_both_mounts_answer(inst)
 
     faulty.clear()
@@ -110,11 +125,14 @@ def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, sy
     assert (faulty.backing / "target.img").read_bytes()[LATE - LATE % CLUSTER:][:CLUSTER] \
         == oracle[LATE - LATE % CLUSTER:][:CLUSTER], "the old cluster reached TARGET"
     inst.umount()
+    assert text in status_then, "status showed the error"
 
 
 @pytest.mark.parametrize("sync", ["full", "none"])
-def test_target_on_a_full_file_system(mount, tmp_path, sync):
-    """ENOSPC from a real full disk: a small tmpfs holds TARGET."""
+def test_target_on_a_full_file_system(mount, tmp_path, request, sync):
+    """ENOSPC from a real full disk: a small tmpfs holds TARGET. (With FULL,
+    the job fails too, on its next chunk, and status shows that.)"""
+    expect_refused_write_in_status(request, when=sync == "none")
     source, oracle = make_source(tmp_path)
     with tmpfs(tmp_path / "small", "2M") as small:
         inst = mount(source, sync=sync, cluster_size="64K", speed=SLOW,
@@ -124,12 +142,13 @@ def test_target_on_a_full_file_system(mount, tmp_path, sync):
             assert errno_of(pwrite, inst.live, b"x" * 4096, LATE) == errno.ENOSPC
             assert source.read_bytes() == oracle
             assert inst.snapshot.read_bytes() == oracle
-            assert "No space left on device" in json.dumps(snapshot_status(inst))
+            status_then = json.dumps(snapshot_status(inst))
             assert_both_mounts_answer(inst)
             os.unlink(small / "filler")
             pwrite(inst.live, b"x" * 4096, LATE)
             assert inst.snapshot.read_bytes() == oracle
             inst.umount()
+            assert "No space left on device" in status_then, "status showed the error"
         finally:
             inst.cleanup()
 
@@ -191,3 +210,24 @@ def test_source_read_fails(faulty, mount, sync):
     assert pread(inst.live, 4096, LATE) == b"w" * 4096
     inst.umount()
     assert (faulty.backing / "disk.img").read_bytes()[LATE:LATE + 4096] == b"w" * 4096
+
+
+# --- TARGET fails under the background job ---------------------------------------------
+
+def test_target_write_fails_under_the_job(faulty, mount, tmp_path):
+    """The job fails with the cause; copy-before-write goes on (the write
+    passes once the disk does), and the snapshot stays exact."""
+    source, oracle = make_source(tmp_path)
+    faulty_target = faulty.path / "target.img"
+    inst = mount(source, sync="full", cluster_size="64K", speed="1M", target=faulty_target)
+    faulty.fail("write", errno.EIO, name="target.img")
+    result = inst.wait(check=False)
+    assert result.returncode == 1 and "Input/output error" in result.stderr, result.stderr
+    info = snapshot_status(inst)
+    assert info["state"] == "failed" and "Input/output error" in info["error"], info
+    assert inst.snapshot.read_bytes() == oracle
+    faulty.clear()
+    pwrite(inst.live, b"after" * 800, LATE)
+    assert inst.snapshot.read_bytes() == oracle
+    assert_both_mounts_answer(inst)
+    inst.umount()
