@@ -15,3 +15,17 @@ def innermost(error: BaseException, kind: type = BaseException):
                 return found
         return None
     return error if isinstance(error, kind) else None
+
+
+#: longest error text kept (it goes into status and the copy map's header)
+MAX_ERROR_CHARS = 500
+
+
+def describe(error: BaseException) -> str:
+    """One short line for the first error in `error`."""
+    error = innermost(error)
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return text[:MAX_ERROR_CHARS]

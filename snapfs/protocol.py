@@ -31,6 +31,8 @@ import struct
 from dataclasses import asdict, dataclass, fields
 
 SYNC_MODES = ("full", "top", "none", "incremental")
+#: what happens when old data cannot be saved (as QEMU's on-cbw-error)
+CBW_ERROR_POLICIES = ("break-guest-write", "break-snapshot")
 FSNAME_PREFIX = "snapfs:"
 #: the largest message either side accepts
 MAX_MESSAGE = 16 << 20
@@ -63,6 +65,10 @@ class SnapshotRequest(_Record):
     base: str | None = None
     #: SNAPSHOT is a regular file: the image appears there itself
     on_file: bool = False
+    #: when old data cannot be saved: fail the guest's write, or break the snapshot
+    on_cbw_error: str = "break-guest-write"
+    #: seconds a write may wait for its copy-before-write before that counts as failed
+    cbw_timeout: float | None = None
 
     def file(self, name: str) -> str:
         """Where the point-in-time image appears."""

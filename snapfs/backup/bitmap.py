@@ -4,7 +4,8 @@ the change tracking are made of.
 The file is a header (a magic line naming what kind of bitmap it is, the
 header's size as 16 hex digits and a newline, then a JSON description padded
 with NULs to a multiple of 4 KiB, with at least `HEADER_SLACK` bytes to spare
-for what is added later) followed by the bitmap, least significant bit first.
+for what is added later; its last byte is a flag that `write_info` leaves
+alone, see CopyMap.broken) followed by the bitmap, least significant bit first.
 The header grows with the paths it records, so any path the file system
 accepts fits. The blocks are allocated at creation, so that a store into the
 mapping can never hit a full file system (that would be SIGBUS).
@@ -81,7 +82,7 @@ class ClusterBitmap:
                     raise ValueError
                 start = len(magic) + _SIZE_FIELD
                 header_size = int(mm[len(magic):start], 16)
-                info = json.loads(mm[start:header_size].rstrip(b"\0"))
+                info = json.loads(mm[start:header_size - 1].rstrip(b"\0"))
                 clusters = -(-info["size"] // info["cluster_size"])
                 if len(mm) < header_size + -(-clusters // 8):
                     raise ValueError
@@ -101,9 +102,10 @@ class ClusterBitmap:
         """Update the JSON description in the header."""
         info = dict(self.info, **changes)
         header = self.MAGIC + b"%016x\n" % self._base + _encode(info)
-        if len(header) > self._base:
+        room = self._base - 1  # the last byte is the flag
+        if len(header) > room:
             raise ValueError(f"{self.KIND} header too large")  # a bug: HEADER_SLACK too small
-        self._mm[:self._base] = header.ljust(self._base, b"\0")
+        self._mm[:room] = header.ljust(room, b"\0")
         self.info = info
 
     def get(self, c0: int, c1: int) -> int:

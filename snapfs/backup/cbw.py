@@ -21,6 +21,8 @@ start on its clusters in between, and no store can be added or removed.
 
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import threading
 
@@ -28,7 +30,10 @@ import trio
 
 from snapfs.backup.changes import ChangeTracker
 from snapfs.backup.store import Claim, Store
+from snapfs.errors import describe
 from snapfs.image.base import Image
+
+log = logging.getLogger("snapfs")
 
 
 class CopyBeforeWrite:
@@ -51,50 +56,189 @@ class CopyBeforeWrite:
 
     async def write(self, offset: int, data: bytes) -> None:
         """Write `data` to the source at `offset` (within the image), after
-        saving the old data of every cluster it touches."""
+        saving the old data of every cluster it touches. If old data cannot
+        be saved into a store, its policy decides: "break-guest-write" fails
+        this write (OSError ENOSPC or EIO, the source unchanged), and
+        "break-snapshot" breaks that snapshot and lets the write through."""
         if not data:
             return  # touches no cluster, wherever it starts
         end = offset + len(data)
         tracker = self.tracker
+        started = None  # when the write began to wait for a store with a timeout
         while True:  # until a pass finds nothing to wait for
             if tracker is not None and not tracker.ready(offset, end):
                 await tracker.track(offset, end)  # the change is durable first
                 continue
-            claim = self._claim_overlapping(offset, end)
-            if claim is not None:
-                await claim.done.wait()
+            found = self._claim_overlapping(offset, end)
+            if found is not None:
+                if started is None and found[0].timeout is not None:
+                    started = trio.current_time()
+                await self._wait_for_claim(*found, started)
                 continue
-            break
-        # From here to the end there is no checkpoint: the clusters are ours,
-        # and no boundary of change tracking can come in between.
-        self._save_old_data(offset, end)
+            needs = self._needs(offset, end)
+            if not needs:
+                break
+            if all(store.timeout is None for store, _ in needs):
+                # No checkpoint from the look above to the end: the clusters
+                # are ours, and no boundary of change tracking can come in between.
+                self._save_old_data(needs)
+                break
+            if started is None:
+                started = trio.current_time()
+            await self._save_old_data_in_thread(needs, started)
+            # and look again: while we waited, anything may have happened
         self.source.write(offset, data)
 
-    def _save_old_data(self, offset: int, end: int) -> None:
+    def _needs(self, offset: int, end: int) -> list[tuple[Store, list[tuple[int, int]]]]:
+        """For each store that lacks old data of [offset, end): its runs of
+        clusters to save."""
         needs = []
-        low, high = end, offset
         for store in self.stores:
             runs = store.uncopied_runs(*store.cluster_span(offset, end - offset))
             if runs:
                 needs.append((store, runs))
-                low = min(low, store.byte_span(*runs[0])[0])
-                high = max(high, store.byte_span(*runs[-1])[1])
-        if not needs:
-            return
+        return needs
+
+    def _save_old_data(self, needs) -> None:
+        """Read the old data once and put it into every store that needs it,
+        marking it there; failures go to the stores' policies."""
+        failures = []
+        try:
+            low, old = self._read_old_data(needs)
+        except OSError as e:
+            failures = [(store, e) for store, _ in needs]
+        else:
+            for store, runs in needs:
+                try:
+                    self._put_runs(store, runs, low, old, mark=True)
+                except OSError as e:
+                    failures.append((store, e))
+        self._failed(failures)
+
+    def _read_old_data(self, needs) -> tuple[int, memoryview]:
+        low = min(store.byte_span(*runs[0])[0] for store, runs in needs)
+        high = max(store.byte_span(*runs[-1])[1] for store, runs in needs)
         old = self._buffer(high - low)
         self.source.readinto(low, old)
-        for store, runs in needs:
-            for first, stop in runs:
-                start, stop_byte = store.byte_span(first, stop)
-                store.put(start, old[start - low:stop_byte - low])
+        return low, old
+
+    def _put_runs(self, store: Store, runs, low: int, old: memoryview, mark: bool) -> None:
+        for first, stop in runs:
+            start, stop_byte = store.byte_span(first, stop)
+            store.put(start, old[start - low:stop_byte - low])
+            if mark:
                 store.copymap.mark(first, stop)
                 store.clusters_copied_by_writes += stop - first
 
-    def _claim_overlapping(self, offset: int, end: int) -> Claim | None:
+    async def _save_old_data_in_thread(self, needs, started: float) -> None:
+        """The same as `_save_old_data`, in a worker thread, for stores with a
+        timeout: the runs are claimed meanwhile (other writes to them wait),
+        and a store that does not get its copy in time fails by its policy.
+        The thread is left to finish on its own; it releases its claims
+        (marking what it copied) when it does."""
+        claims = [(store, [store.claim(first, stop) for first, stop in runs])
+                  for store, runs in needs]
+        outcome: dict[int, OSError | None] = {}  # id(store): None once copied, or the error
+        token = trio.lowlevel.current_trio_token()
+        for store, _ in needs:
+            store.flushing += 1  # not closed while the thread may write it
+
+        def settle(store: Store, store_claims, error: OSError | None) -> None:
+            outcome[id(store)] = error
+            for claim in store_claims:
+                store.release(claim, copied=error is None and store.broken is None)
+            if error is None:
+                store.clusters_copied_by_writes += sum(c.end - c.first for c in store_claims)
+            store.flushing -= 1
+
+        def copy() -> None:
+            try:
+                low, old = self._read_old_data(needs)
+            except OSError as e:
+                low, old, read_error = 0, None, e
+            else:
+                read_error = None
+            for (store, runs), (_, store_claims) in zip(needs, claims):
+                error = read_error
+                if error is None:
+                    try:
+                        self._put_runs(store, runs, low, old, mark=False)
+                    except OSError as e:
+                        error = e
+                try:
+                    trio.from_thread.run_sync(settle, store, store_claims, error,
+                                              trio_token=token)
+                except trio.RunFinishedError:
+                    return
+
+        thread_done = trio.Event()
+
+        async def run_copy() -> None:
+            try:
+                await trio.to_thread.run_sync(copy, abandon_on_cancel=True)
+            finally:
+                thread_done.set()
+
+        failures = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_copy)
+            for store, store_claims in claims:
+                deadline = (started + store.timeout if store.timeout is not None
+                            else float("inf"))
+                with trio.move_on_at(deadline):
+                    for claim in store_claims:
+                        await claim.done.wait()
+                if id(store) not in outcome:
+                    failures.append((store, TimeoutError(
+                        errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s")))
+                elif outcome[id(store)] is not None:
+                    failures.append((store, outcome[id(store)]))
+            nursery.cancel_scope.cancel()  # the thread goes on alone if it must
+        self._failed(failures)
+
+    async def _wait_for_claim(self, store: Store, claim: Claim, started: float | None) -> None:
+        """Wait until `claim` (a copy into `store` in flight) is done, at most
+        until the store's timeout runs out; then the copy counts as failed."""
+        if store.timeout is None:
+            await claim.done.wait()
+            return
+        with trio.move_on_at(started + store.timeout):
+            await claim.done.wait()
+        if not claim.done.is_set():
+            self._failed([(store, TimeoutError(
+                errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s"))])
+
+    def _failed(self, failures: list[tuple[Store, OSError]]) -> None:
+        """Apply each store's policy to its failure: break the snapshot (it is
+        out of copy-before-write when this returns), or fail the write."""
+        refused = None
+        for store, error in failures:
+            why = describe(error)
+            if store.on_error == "break-snapshot":
+                log.error("%s: breaking the snapshot: old data could not be saved: %s",
+                          store.target.path, why)
+                self.break_store(store, f"old data could not be saved: {why}")
+            else:
+                store.failed_writes += 1
+                store.last_error = why
+                if refused is None:
+                    refused = error
+        if refused is not None:
+            code = errno.ENOSPC if refused.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+            raise OSError(code, f"old data could not be saved: {describe(refused)}")
+
+    def break_store(self, store: Store, why: str) -> None:
+        """Break a snapshot: its reads fail from now on, and no write saves
+        old data for it any more."""
+        store.break_(why)
+        if store in self.stores:
+            self.remove(store)
+
+    def _claim_overlapping(self, offset: int, end: int) -> tuple[Store, Claim] | None:
         for store in self.stores:
             claim = store.overlapping(*store.cluster_span(offset, end - offset))
             if claim is not None:
-                return claim
+                return store, claim
         return None
 
     # --- the background copy --------------------------------------------
@@ -121,17 +265,26 @@ class CopyBeforeWrite:
     async def flush(self) -> None:
         """Make every store durable, then the source: old data must be safe
         before the new data that replaced it. Runs in a worker thread; a
-        store being flushed is not closed meanwhile (see `Store.flushing`)."""
+        store being flushed is not closed meanwhile (see `Store.flushing`).
+        A store that cannot be flushed fails by its policy: the flush fails
+        (EIO, the source not flushed), or the snapshot breaks."""
         stores = list(self.stores)
         for store in stores:
             store.flushing += 1
         try:
-            await trio.to_thread.run_sync(self._flush, stores)
+            failures = await trio.to_thread.run_sync(self._flush, stores)
         finally:
             for store in stores:
                 store.flushing -= 1
+        self._failed(failures)
 
-    def _flush(self, stores: list[Store]) -> None:
+    def _flush(self, stores: list[Store]) -> list[tuple[Store, OSError]]:
+        failures = []
         for store in stores:
-            store.flush()
-        self.source.flush()
+            try:
+                store.flush()
+            except OSError as e:
+                failures.append((store, e))
+        if all(store.on_error == "break-snapshot" for store, _ in failures):
+            self.source.flush()
+        return failures

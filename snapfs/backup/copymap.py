@@ -11,6 +11,12 @@ the snapshot's process maps it read-only. A bit is set only after the
 cluster's data has been written to the target, and never cleared while the
 snapshot lives; docs/design.md explains why that lets the snapshot's process
 read without locks.
+
+The last byte of the header says whether the snapshot is broken (its old data
+could not be saved and its policy is break-snapshot). The live process sets it
+before it lets through the write whose old data was lost, and the snapshot's
+process looks at it after every read, by the same ordering argument as the
+bits: a read that may have seen that write's data fails.
 """
 
 from __future__ import annotations
@@ -28,3 +34,11 @@ class CopyMap(ClusterBitmap):
     mark = ClusterBitmap.set
     next_uncopied = ClusterBitmap.next_clear
     next_copied = ClusterBitmap.next_set
+
+    @property
+    def broken(self) -> bool:
+        return self._mm[self._base - 1] != 0
+
+    def mark_broken(self) -> None:
+        """From now on, every read of the snapshot fails (never cleared)."""
+        self._mm[self._base - 1] = 1

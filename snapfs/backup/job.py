@@ -30,7 +30,7 @@ import trio
 
 from snapfs.backup.cbw import CopyBeforeWrite
 from snapfs.backup.store import Store
-from snapfs.errors import innermost
+from snapfs.errors import describe
 from snapfs.protocol import SYNC_MODES
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ COPY_WORKERS = 2
 PACE_SECONDS = 0.25
 #: the window over which the rate is measured
 RATE_WINDOW = 5.0
-#: longest error text kept (it goes into status and the copy map's header)
-MAX_ERROR_CHARS = 500
 
 
 class BackupJob:
@@ -76,6 +74,7 @@ class BackupJob:
         self._stop = trio.Event()
         self._pace = trio.Lock()
         self.finished = trio.Event()
+        store.on_break.append(lambda why: self._stop.set())
 
     def _cluster_runs(self) -> array.array:
         """The clusters to copy, as a flat array [first0, end0, first1, end1, ...]."""
@@ -153,11 +152,15 @@ class BackupJob:
             else:
                 finished = await self._copy_all()
         except Exception as e:  # an I/O error ends the job, not the daemon
-            log.exception("background copy failed")
+            if self.store.broken is None:
+                log.exception("background copy failed")
             self.state = "failed"
-            self.error = _describe(e)
+            self.error = self.store.broken or describe(e)
         else:
-            self.state = "completed" if finished else "cancelled"
+            if self.store.broken is not None:  # its snapshot broke: it stopped
+                self.state, self.error = "failed", self.store.broken
+            else:
+                self.state = "completed" if finished else "cancelled"
             log.info("background copy %s: %d of %d bytes", self.state,
                      self.bytes_done, self.bytes_total)
         finally:
@@ -249,13 +252,3 @@ def _set_extents(value: int, granularity: int, size: int):
         stop = c + (ones & -ones).bit_length() - 1  # the next clear bit after it
         yield c * granularity, min(stop * granularity, size)
         c = stop
-
-
-def _describe(error: BaseException) -> str:
-    """One line for the first error in `error`."""
-    error = innermost(error)
-    if isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-    else:
-        text = str(error) or type(error).__name__
-    return text[:MAX_ERROR_CHARS]

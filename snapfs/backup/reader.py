@@ -7,10 +7,13 @@ a read of the source can only have seen new data if the cluster's bit was set
 before that read ended. After reading from the source, `read` therefore looks
 at the bits again and re-reads from the target every cluster whose bit was set
 in the meantime. Bits are never cleared and the target's data for a set bit is
-final, so that one re-check is enough. docs/design.md has the full argument.
+final, so that one re-check is enough. A broken snapshot's flag is looked at
+last, the same way. docs/design.md has the full argument.
 """
 
 from __future__ import annotations
+
+import errno
 
 from snapfs.backup.copymap import CopyMap
 from snapfs.image.base import Image
@@ -38,6 +41,15 @@ class SnapshotReader:
         self.cluster_size = copymap.cluster_size
 
     def read(self, offset: int, length: int) -> bytes:
+        """The point-in-time image's bytes [offset, offset+length); OSError
+        EIO if the snapshot is broken (looked at after reading, so that a
+        read that may have seen data written after the break fails)."""
+        data = self._read(offset, length)
+        if self.copymap.broken:
+            raise OSError(errno.EIO, "the snapshot is broken: its old data could not be saved")
+        return data
+
+    def _read(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""

@@ -27,9 +27,22 @@ class Claim:
 
 
 class Store:
-    def __init__(self, target: Image, copymap: CopyMap):
+    def __init__(self, target: Image, copymap: CopyMap, on_error: str = "break-guest-write",
+                 timeout: float | None = None):
         self.target = target
         self.copymap = copymap
+        #: what a failed copy-before-write does: "break-guest-write" fails the
+        #: write, "break-snapshot" breaks this store and lets the write through
+        self.on_error = on_error
+        #: seconds a write waits for its copy into this store before it counts as failed
+        self.timeout = timeout
+        #: why the snapshot broke (None: it did not); then nothing saves old data into it
+        self.broken: str | None = "broken before the daemon restarted" if copymap.broken else None
+        #: called (in the trio thread) when it breaks
+        self.on_break: list = []
+        #: writes that failed because their old data could not be saved here, and the last error
+        self.failed_writes = 0
+        self.last_error: str | None = None
         self.size = copymap.size
         self.cluster_size = copymap.cluster_size
         self.clusters = copymap.clusters
@@ -122,6 +135,18 @@ class Store:
             if claim.first < end and first < claim.end:
                 return claim
         return None
+
+    # --- failures -------------------------------------------------------
+
+    def break_(self, why: str) -> None:
+        """The snapshot is broken for good: every read of it fails from now on.
+        The caller takes it out of copy-before-write before any write whose
+        old data it lacks goes through."""
+        if self.broken is None:
+            self.broken = why
+            self.copymap.mark_broken()
+            for callback in self.on_break:
+                callback(why)
 
     # --- durability -----------------------------------------------------
 

@@ -154,6 +154,7 @@ def check_snapshot(args, source: str, source_st: os.stat_result, source_format: 
     return SnapshotRequest(snapshot=snapshot, target=target, sync=args.sync,
                            target_format=target_format, cluster_size=args.cluster_size,
                            speed=args.speed, force=args.force, base=base,
+                           on_cbw_error=args.on_cbw_error, cbw_timeout=args.cbw_timeout,
                            on_file=not os.path.isdir(snapshot))
 
 

@@ -99,6 +99,15 @@ def _snapshot_lines(info: dict) -> list[str]:
     lines += [f"by writes: {info['clusters_copied_by_writes']} clusters of "
               f"{human(info['cluster_size'])} copied before a write",
               f"target:    {info['target']}"]
+    if info.get("broken"):
+        lines.append(f"broken:    {info['broken']}; every read of it fails")
+    if info.get("failed_writes"):
+        lines.append(f"failed:    {info['failed_writes']} writes to the live disk failed: "
+                     f"{info['last_error']}")
+    policy = info.get("on_cbw_error")
+    if policy is not None:
+        timeout = info.get("cbw_timeout")
+        lines.append(f"on error:  {policy}" + (f", timeout {timeout:g} s" if timeout else ""))
     return lines
 
 
@@ -160,6 +169,8 @@ def duration(seconds: float) -> str:
 
 def cmd_wait(args) -> int:
     where, info = client.snapshot_status(args.path)
+    if info.get("broken"):
+        raise UserError(f"the snapshot is broken: {info['broken']}")
     if info["sync"] == "none":
         raise UserError("nothing to wait for: sync mode none has no background copy")
     show = sys.stdout.isatty() and not args.quiet
@@ -182,6 +193,8 @@ def cmd_wait(args) -> int:
             sys.stdout.flush()
     if info["state"] == "completed":
         return 0
+    if info.get("broken"):
+        raise UserError(f"the snapshot is broken: {info['broken']}")
     raise UserError(f"the background copy {info['state']}"
                     + (f": {info['error']}" if info["error"] else ""))
 

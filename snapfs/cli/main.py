@@ -13,7 +13,7 @@ import sys
 from snapfs import __version__
 from snapfs.errors import UserError
 from snapfs.image import FORMATS
-from snapfs.protocol import SYNC_MODES
+from snapfs.protocol import CBW_ERROR_POLICIES, SYNC_MODES
 from snapfs.units import parse_size
 
 MIN_CLUSTER = 4 << 10
@@ -41,6 +41,16 @@ def _speed(text: str) -> int:
     return speed
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad timeout {text!r}: seconds, e.g. 45") from None
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"bad timeout {text!r}: more than 0, at most 86400")
+    return seconds
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"bad port {text!r}: a number from 1 to 65535")
@@ -65,6 +75,12 @@ def _snapshot_options(parser: argparse.ArgumentParser, target_required: bool) ->
                         help="limit of the background copy in bytes/s (K/M/G suffixes)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing TARGET (never one a running instance holds)")
+    parser.add_argument("--on-cbw-error", choices=CBW_ERROR_POLICIES, default="break-guest-write",
+                        help="when old data cannot be saved: fail the write (default) or "
+                             "break the snapshot and let the write through")
+    parser.add_argument("--cbw-timeout", type=_seconds, metavar="SECONDS",
+                        help="a write whose copy-before-write takes longer fails as if the "
+                             "copy had failed (default: no limit)")
     parser.add_argument("--base", metavar="BACKUP",
                         help="with --sync incremental: the completed backup (its target) to "
                              "build on, instead of the last one")

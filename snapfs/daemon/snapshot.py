@@ -108,7 +108,7 @@ class Snapshot:
         except BaseException:
             self.discard()
             raise
-        self.store = Store(target, copymap)
+        self.store = Store(target, copymap, req.on_cbw_error, req.cbw_timeout)
 
     def _make(self, path: str, what: str, make: Callable):
         lock_fd = None
@@ -164,7 +164,7 @@ class Snapshot:
         if (info.get("size") != self.source.size or info.get("cluster_size") != req.cluster_size
                 or info.get("sync") != req.sync or target.size != self.source.size):
             raise UserError(f"copy map {copymap.path} does not describe this snapshot")
-        self.store = Store(target, copymap)
+        self.store = Store(target, copymap, req.on_cbw_error, req.cbw_timeout)
         self.created = saved.get("created", self.created)
         self.times = times_from(saved["times"])
         self.base = saved.get("base")
@@ -222,7 +222,9 @@ class Snapshot:
             self.changed = tracker.changed_since(self.base["id"], until)
         self.job = BackupJob(engine, self.store, req.sync, req.speed, changed=self.changed or 0,
                              changed_granularity=GRANULARITY)
-        if info.get("state", "running") != "running":  # ended before the crash
+        if self.store.broken is not None:  # broke before the crash: it stays broken
+            self.job.ended("failed", info.get("error") or self.store.broken)
+        elif info.get("state", "running") != "running":  # ended before the crash
             self.job.ended(info["state"], info.get("error"))
         if tracker is not None and self.is_checkpoint and not brought_back:
             tracker.add_boundary(self.id, {
@@ -231,7 +233,8 @@ class Snapshot:
                 "base": self.base["id"] if self.base else None})
         if not brought_back:
             self.times = self.source.stat()
-        engine.add(self.store)
+        if self.store.broken is None:
+            engine.add(self.store)
 
     # --- the process ----------------------------------------------------
 
@@ -372,7 +375,8 @@ class Snapshot:
         await self.stop_exports()  # before copy-before-write for it stops
         job.stop()
         await job.finished.wait()
-        engine.remove(store)
+        if store in engine.stores:  # (a broken one is out already)
+            engine.remove(store)
         while store.flushing:
             await trio.sleep(0.01)
         try:
@@ -442,6 +446,11 @@ class Snapshot:
             "base": self.base["target"] if self.base else None,
             "exports": [e.describe() for e in self.exports],
             "checkpoint": self._checkpoint_state(),
+            "on_cbw_error": req.on_cbw_error,
+            "cbw_timeout": req.cbw_timeout,
+            "broken": store.broken if store else None,
+            "failed_writes": store.failed_writes if store else 0,
+            "last_error": store.last_error if store else None,
         }
 
     def _checkpoint_state(self) -> str | None:

@@ -26,6 +26,8 @@ class SnapshotOperations(SingleFileOperations):
 
     def check_open(self, inode, flags):
         super().check_open(inode, flags)
+        if self.reader.copymap.broken:
+            raise pyfuse3.FUSEError(errno.EIO)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
 
