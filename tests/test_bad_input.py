@@ -242,3 +242,13 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", "riscv64", "s390x"])
+def test_refused_where_memory_ordering_is_weaker(machine):
+    """The lock-free snapshot read relies on x86's total store order."""
+    from snapfs.cli.checks import check_machine
+    from snapfs.errors import UserError
+    with pytest.raises(UserError, match="only on x86"):
+        check_machine(machine)
+    check_machine("x86_64")

@@ -6,6 +6,7 @@ the command's working directory."""
 from __future__ import annotations
 
 import os
+import platform
 import stat
 import sys
 
@@ -15,6 +16,20 @@ from snapfs.image import open_image
 from snapfs.protocol import SnapshotRequest, copymap_path, state_dir
 
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+#: machines whose memory ordering the lock-free snapshot read relies on (total
+#: store order: see "The snapshot's read path" in docs/design.md)
+ORDERED_MACHINES = ("x86_64", "amd64", "i686", "i386")
+
+
+def check_machine(machine: str | None = None) -> None:
+    """Refuse to start where the snapshot's read path is not proven right."""
+    machine = machine or platform.machine()
+    if machine.lower() not in ORDERED_MACHINES:
+        raise UserError(f"snapfs runs only on x86 machines: its snapshots read shared memory "
+                        f"without locks, which relies on x86's memory ordering (this is "
+                        f"{machine})")
 
 
 def check_source(path: str, fmt: str | None) -> tuple[str, str, os.stat_result]:

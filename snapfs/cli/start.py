@@ -13,7 +13,8 @@ import threading
 import time
 
 from snapfs import mounts
-from snapfs.cli.checks import check_mount_point, check_not_covering, check_snapshot, check_source
+from snapfs.cli.checks import (check_machine, check_mount_point, check_not_covering, check_snapshot,
+                               check_source)
 from snapfs.errors import UserError
 from snapfs.daemon.state import LiveState, check_trusted
 from snapfs.protocol import LiveConfig, copymap_path, parse_readiness
@@ -28,6 +29,7 @@ def start_timeout() -> float:
 
 
 def check_mount_args(args) -> LiveConfig:
+    check_machine()
     given, fmt, st = check_source(args.source, args.format)
     # Everything the daemon keeps for SOURCE (its state directory) goes
     # beside the file itself, not beside a symbolic link to it.
