@@ -120,7 +120,9 @@ class Snap:
 
 
 class Soak:
-    def __init__(self, minutes: float, size_mib: int, seed: int, keep: bool):
+    def __init__(self, minutes: float, size_mib: int, seed: int, keep: bool,
+                 inject: bool = False):
+        self.inject = inject
         self.minutes = minutes
         self.size = size_mib * MiB
         self.rng = random.Random(seed)
@@ -292,6 +294,9 @@ class Soak:
         return True
 
     def save_evidence(self, snap: Snap, data: bytes, offset: int, block: int) -> None:
+        """The first few wrong blocks, as read, beside the temporary directory."""
+        if self.stats.get("mismatches") > 5:
+            return
         ev = self.root.parent / f"snapfs-soak-evidence-{os.getpid()}"
         ev.mkdir(exist_ok=True)
         o = block * BLOCK - offset
@@ -410,6 +415,15 @@ class Soak:
         with self.quiesce:
             t = time.monotonic()
             model = hash_file(self.source, self.size)  # SOURCE itself, not through snapfs
+            if self.inject:  # the oracle's own test: one byte changed after the model was made
+                self.inject = False
+                off = self.rng.randrange(self.size)
+                fd = os.open(self.live, os.O_RDWR)
+                try:
+                    os.pwrite(fd, bytes([os.pread(fd, 1, off)[0] ^ 0x5A]), off)
+                finally:
+                    os.close(fd)
+                log(f"injected: one byte at {off} changed between the model and the snapshot")
             self.stats.add("bytes read", self.size)
             if self.rng.random() < 0.3:  # the live disk reads as SOURCE does
                 live = hash_file(self.live, self.size)
@@ -700,13 +714,16 @@ def main() -> int:
     p.add_argument("--size", type=int, default=256, help="image size in MiB (default 256)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--inject-mismatch", action="store_true",
+                   help="test the oracle: change one byte of the live disk between the first "
+                        "snapshot's model and the snapshot (the soak must then fail)")
     a = p.parse_args()
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
-    soak = Soak(a.minutes, a.size, seed, a.keep)
+    soak = Soak(a.minutes, a.size, seed, a.keep, a.inject_mismatch)
     commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
                              "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     log(f"soak: {a.minutes} min, {a.size} MiB image, seed {seed}, commit {commit or '?'}, "
