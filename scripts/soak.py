@@ -672,9 +672,9 @@ class Soak:
                 pass
         return sorted(found)
 
-    def cleanup(self) -> tuple[int, int]:
-        """Stop everything; returns (leaked mounts, leaked processes) as found
-        before this cleanup had to do anything by force."""
+    def cleanup(self) -> tuple[int, int, int, int]:
+        """Stop everything; returns the mounts and processes found before this
+        cleanup had to do anything by force, then those still there after it."""
         self.stop.set()
         if self.fio is not None and self.fio.poll() is None:
             self.fio.kill()
@@ -693,11 +693,13 @@ class Soak:
                 pass
         for t in self.threads:
             t.join(10)
-        if not self.keep and not self.our_mounts():
+        time.sleep(0.5)
+        left_mounts, left_procs = self.our_mounts(), self.our_processes()
+        if not self.keep and not left_mounts:
             shutil.rmtree(self.root, ignore_errors=True)
         elif self.keep:
             log(f"kept {self.root}")
-        return len(leaked_mounts), len(leaked_procs)
+        return len(leaked_mounts), len(leaked_procs), len(left_mounts), len(left_procs)
 
 
 def _zombie(pid: int) -> bool:
@@ -723,6 +725,7 @@ def main() -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started in the background (SIG_IGN)
     soak = Soak(a.minutes, a.size, seed, a.keep, a.inject_mismatch)
     commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
                              "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -739,7 +742,12 @@ def main() -> int:
     except Exception:
         soak.stats.problem("errors", "the soak itself failed:\n" + traceback.format_exc())
     finally:
-        leaked_mounts, leaked_procs = soak.cleanup()
+        before_mounts, before_procs, leaked_mounts, leaked_procs = soak.cleanup()
+        if interrupted:  # nothing to blame snapfs for: what the run had up was cut short
+            log(f"cleaned up {before_mounts} mounts and {before_procs} processes by force")
+        else:  # the run unmounted everything itself: anything left has leaked
+            leaked_mounts = max(leaked_mounts, before_mounts)
+            leaked_procs = max(leaked_procs, before_procs)
     s = soak.stats
     ops = (s.get("fio writes") + s.get("fio verify reads") + s.get("python writes")
            + s.get("snapshot reads") + s.get("snapfs commands"))
