@@ -243,13 +243,19 @@ class CopyBeforeWrite:
 
     # --- the background copy --------------------------------------------
 
-    def copy(self, store: Store, first: int, end: int) -> None:
+    def copy(self, store: Store, first: int, end: int, clone: bool = False) -> bool:
         """Copy clusters [first, end) from the source to `store`'s target
-        (the caller holds a claim on them). Does not touch the copy map."""
+        (the caller holds a claim on them). Does not touch the copy map.
+        With `clone`, first try to clone them instead (the target shares the
+        source's extents, see `Image.clone_from`); True if they were cloned,
+        False if copied."""
         start, stop = store.byte_span(first, end)
+        if clone and store.target.clone_from(self.source, start, stop - start):
+            return True
         view = self._buffer(stop - start)
         self.source.readinto(start, view)
         store.put(start, view)
+        return False
 
     def _buffer(self, length: int) -> memoryview:
         """A buffer of `length` bytes for the calling thread, reused from copy

@@ -9,7 +9,15 @@
 
 The job walks the clusters in order: each of its COPY_WORKERS tasks claims the
 next run of clusters that are neither copied nor claimed, copies it in a
-worker thread and releases it. The job stops between two runs when asked
+worker thread and releases it.
+
+Where the target can share the source's extents (raw files on one file system
+that has reflinks: XFS, btrfs), the job clones the runs instead of copying
+them (`Image.clone_from`), in the same place: in the worker thread, on the
+claimed clusters, the bits set after it returns. Its first attempt decides for
+the whole job: if it cannot clone, it copies from then on without asking
+again; if it can, runs grow to CLONE_CHUNK_BYTES (a clone costs metadata, not
+bandwidth), and a run that cannot be cloned after all is copied. The job stops between two runs when asked
 (cancel or shutdown), never in the middle of one.
 
 With a speed limit the job pays before it copies: a run of n bytes starts no
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: bytes one claim copies at most (the last one may be shorter)
 CHUNK_BYTES = 4 << 20
+#: bytes one claim clones at most, once the job knows it can clone
+CLONE_CHUNK_BYTES = 64 << 20
 #: copies in flight at once: one reads while the other writes
 COPY_WORKERS = 2
 #: with a speed limit, a run holds at most this many seconds' worth of bytes
@@ -67,6 +77,14 @@ class BackupJob:
         if speed:
             chunk_bytes = min(chunk_bytes, int(speed * PACE_SECONDS))
         self._max_clusters = max(1, chunk_bytes // store.cluster_size)
+        #: clone clusters instead of copying them: None until the first attempt says
+        self.cloning: bool | None = None
+        self._decided = trio.Event()
+        self._probing = False
+        self._clone_clusters = (max(self._max_clusters, CLONE_CHUNK_BYTES // store.cluster_size)
+                                if not speed else self._max_clusters)
+        #: the part of bytes_copied that was cloned
+        self.bytes_cloned = 0
         self._changed = (changed, changed_granularity)
         self._runs = self._cluster_runs()
         self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
@@ -161,8 +179,8 @@ class BackupJob:
                 self.state, self.error = "failed", self.store.broken
             else:
                 self.state = "completed" if finished else "cancelled"
-            log.info("background copy %s: %d of %d bytes", self.state,
-                     self.bytes_done, self.bytes_total)
+            log.info("background copy %s: %d of %d bytes (%d cloned)", self.state,
+                     self.bytes_done, self.bytes_total, self.bytes_cloned)
         finally:
             self.finished.set()
 
@@ -202,19 +220,39 @@ class BackupJob:
     async def _worker(self) -> None:
         store = self.store
         while not self._stop.is_set():
+            if self._probing:  # another worker's first clone attempt decides first
+                await self._decided.wait()
+                continue
+            probe = self.cloning is None
             claim = await self._claim_next()
             if claim is None:
                 return
-            copied = False
+            if probe and self.cloning is None:
+                self._probing = True
+            copied = cloned = False
             try:
-                await trio.to_thread.run_sync(self.engine.copy, store, claim.first, claim.end)
+                cloned = await trio.to_thread.run_sync(
+                    self.engine.copy, store, claim.first, claim.end, self.cloning is not False)
                 copied = True
             finally:
                 store.release(claim, copied=copied)
+                if self._probing:
+                    self._decide(copied and cloned)
             done = self._run_bytes(claim.first, claim.end)
             self.bytes_done += done
             self.bytes_copied += done
+            if cloned:
+                self.bytes_cloned += done
             self._note_progress()
+
+    def _decide(self, cloning: bool) -> None:
+        """The first clone attempt is over: clone from now on, or never try again."""
+        self._probing = False
+        self.cloning = cloning
+        if cloning:
+            self._max_clusters = self._clone_clusters
+            log.info("background copy: cloning the clusters (the target shares SOURCE's extents)")
+        self._decided.set()
 
     async def _claim_next(self):
         """Claim the next run to copy, after waiting for its turn under the

@@ -58,6 +58,15 @@ class Image(abc.ABC):
         zeroes (a format's zero clusters). A driver may report fewer."""
         return iter(())
 
+    def clone_from(self, source: "Image", offset: int, length: int) -> bool:
+        """Make bytes [offset, offset+length) read as `source`'s same bytes by
+        sharing its extents (a reflink clone) instead of copying them; False,
+        having changed nothing, where that cannot be done (another format, a
+        file system that cannot share extents, another file system, ranges
+        its blocks do not fit). I/O errors raise. Later writes to either
+        image leave the other unchanged (the file system copies on write)."""
+        return False
+
     def stat(self) -> os.stat_result:
         """The file's status (owner, permissions, times), from its descriptor."""
         return os.fstat(self.fd)

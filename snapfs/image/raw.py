@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
+import struct
 import threading
 from typing import Iterator
 
@@ -26,6 +28,16 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(err, os.strerror(err))
+
+
+#: ioctl FICLONERANGE: share a range of another file's extents (struct
+#: file_clone_range {s64 src_fd; u64 src_offset, src_length, dest_offset})
+FICLONERANGE = 0x4020940D
+#: what FICLONERANGE fails with where it cannot share the extents: a file
+#: system without reflink (EOPNOTSUPP, ENOTTY), two file systems (EXDEV),
+#: ranges the file system's blocks do not fit (EINVAL)
+_CLONE_UNSUPPORTED = frozenset((errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS,
+                                errno.EXDEV, errno.EINVAL))
 
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to this
@@ -153,6 +165,29 @@ class RawImage(Image):
         if not punch_hole(self.fd, offset, length):
             for start in range(offset, offset + length, 1 << 20):
                 self.write(start, bytes(min(1 << 20, offset + length - start)))
+
+    def clone_from(self, source: Image, offset: int, length: int) -> bool:
+        """Clone with FICLONERANGE, when `source` is a raw file on the same
+        file system as this one and the range fits its blocks: offset and
+        length multiples of the block size, except a range that ends at the
+        end of both files. The kernel writes back the source's dirty pages
+        of the range first."""
+        if type(source) is not RawImage or not length:
+            return False
+        end = offset + length
+        if end > self.size or end > source.size:
+            return False
+        try:
+            block = os.fstatvfs(self.fd).f_bsize
+            if offset % block or (length % block and not end == self.size == source.size):
+                return False
+            fcntl.ioctl(self.fd, FICLONERANGE,
+                        struct.pack("qQQQ", source.fd, offset, length, offset))
+        except OSError as e:
+            if e.errno in _CLONE_UNSUPPORTED:
+                return False
+            raise
+        return True
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         end = min(offset + length, self.size)
