@@ -39,6 +39,10 @@ ROWS = [
     "FULL background copy",
     "FULL copy time ÷ cold cp",
     "FULL copy, until done + fsync",
+    "FULL copy until durable ÷ cold cp + fsync",
+    "FULL copy on reflink XFS (SOURCE and TARGET on it), until durable",
+    "FULL copy on reflink XFS until durable ÷ cp --reflink=never + fsync",
+    "FULL on reflink XFS of a running disk, until durable ÷ cp --reflink=never",
     "TOP copy, sparse image",
     "TOP time ÷ FULL time",
     "Peak memory",
@@ -173,6 +177,7 @@ def test_report_rows_from_samples(benchlib):
                               ("rand_first", 1000, 1000), ("rand_over", 1, 2),
                               ("snap_seq", 900, 600), ("snap_rand", 3, 3),
                               ("full", 1.0, 4.0), ("full_sync", 1.0, 1.0),
+                              ("reflink_full_sync", 0.5, 2.0), ("reflink_take_sync", 0.1, 1.0),
                               ("top", 0.2, 0.5), ("memory", 50, 40), ("startup", 0.3, 0.1),
                               ("untrk_seq_over", 1000, 800), ("trk_seq_over", 960, 800),
                               ("untrk_rand_over", 10000, 20000), ("trk_rand_over", 9000, 20000),
@@ -185,6 +190,8 @@ def test_report_rows_from_samples(benchlib):
     results.add("top_mount", "snapfs", 0.1)
     results.add("src_seq", REFERENCE, 1000)
     results.add("cp", REFERENCE, 2.0)
+    results.add("cp_sync", REFERENCE, 2.0)
+    results.add("reflink_cp_sync", REFERENCE, 2.0)
     results.sparse_allocated = 64 * MiB // 10
 
     rows = benchlib.report.build_rows(config, results)
@@ -211,6 +218,13 @@ def test_report_rows_from_samples(benchlib):
     assert by_start["TOP time ÷ FULL time"]["snapfs"] == "0.11"  # (0.2 - 0.1) / (1.0 - 0.1)
     assert by_start["Peak memory"]["versus"] == "1.25x more"
     assert by_start["FULL copy, until done + fsync"]["met"] == "—"
+    durable = by_start["FULL copy until durable ÷ cold cp + fsync"]
+    assert (durable["snapfs"], durable["qemu"], durable["met"]) == ("0.50", "0.50", "met")
+    reflink = by_start["FULL copy on reflink XFS until durable ÷ cp --reflink=never + fsync"]
+    assert (reflink["snapfs"], reflink["qemu"], reflink["met"]) == ("0.25", "1.00", "—")
+    running = by_start["FULL on reflink XFS of a running disk, until durable ÷ cp --reflink=never"]
+    assert (running["snapfs"], running["qemu"], running["met"]) == ("0.05", "1.00", "met")
+    assert running["versus"] == "20.00x less"
     seq_over = by_start["Change tracking on, overwrite sequential"]
     assert seq_over["measure"] == ("Change tracking on, overwrite sequential (dd 1M, 32 MiB, "
                                    "fdatasync): tracked ÷ untracked")

@@ -26,9 +26,10 @@ from benchlib.measures import GROUPS, Measures
 from benchlib.results import SYSTEMS, Results
 
 #: the tools the measures run
-TOOLS = ("snapfs", "qemu-storage-daemon", "qemu-img", "fio", "fusermount3", "dd", "cmp", "cp")
+TOOLS = ("snapfs", "qemu-storage-daemon", "qemu-img", "fio", "fusermount3", "dd", "cmp", "cp",
+         "mkfs.xfs")
 #: what the run leaves in the work directory, to remove at the end
-SCRATCH = ("img", "snapfs", "qemu", "first-write.iolog")
+SCRATCH = ("img", "snapfs", "qemu", "xfs", "first-write.iolog")
 
 
 class Interrupted(BaseException):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,37 @@ def remove(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
+
+
+@contextlib.contextmanager
+def loop_xfs(image: str, point: str, size: int):
+    """A fresh XFS with reflink=1 (extents shared between files) made on a
+    sparse file `image` of `size` bytes and loop-mounted on `point`;
+    unmounted and removed afterwards, whatever happened."""
+    if shutil.which("mkfs.xfs") is None:
+        raise MeasureError("mkfs.xfs missing (xfsprogs: scripts/bench installs it)")
+    remove(image)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    try:
+        run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", image])
+        os.makedirs(point, exist_ok=True)
+        run(["mount", "-o", "loop", image, point])
+        try:
+            yield point
+        finally:
+            if run(["umount", point], check=False).returncode != 0:
+                run(["umount", "-l", point], check=False)
+    finally:
+        remove(image)
+        with contextlib.suppress(OSError):
+            os.rmdir(point)
+
+
+def used_bytes(path: str) -> int:
+    """The bytes in use on the file system that holds `path` (df)."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def fsync_file(path: str) -> None:

@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 
 from benchlib.config import KiB, MiB, BenchConfig
-from benchlib.host import (MeasureError, PageCache, fsync_file, log, remove, run,
-                           sync_filesystem)
+from benchlib.host import (MeasureError, PageCache, fsync_file, log, loop_xfs, remove, run,
+                           sync_filesystem, used_bytes)
 from benchlib.qemu_side import (qemu_backup, qemu_backup_daemon, qemu_backup_with_bitmap,
                                 qemu_bitmap_count, qemu_cbw, qemu_fleece, qemu_plain_disk)
 from benchlib.results import REFERENCE, Results
@@ -26,7 +26,7 @@ from benchlib.workloads import (CLUSTER, compare, copy_file, dd_read_cold, dd_wr
                                 fio, replay_log)
 
 #: the measure groups, in the order they run in every repetition
-GROUPS = ("write", "multi", "copy", "top", "memory", "take", "tracking")
+GROUPS = ("write", "multi", "copy", "top", "reflink", "memory", "take", "tracking")
 #: the writes of the "tracking" group: sample keys TRACKED_key and UNTRACKED_key
 TRACKING_WRITES = ("seq_first", "seq_over", "rand_first", "rand_over")
 TRACKED, UNTRACKED = "trk", "untrk"
@@ -247,8 +247,59 @@ class Measures:
         else:
             self._qemu_copy(sparse, self.img("qemu-top.img"), "top", "top")
 
-    def _snapfs_copy(self, source: str, target: str, sync: str, key: str) -> None:
-        """Timed from the start of `snapfs mount` until `snapfs wait` returns."""
+    def group_reflink(self, system: str, rep: int) -> None:
+        """FULL background copy with SOURCE and TARGET on an XFS with reflink=1
+        (a sparse file loop-mounted in the work directory, made anew each
+        time): snapfs clones the clusters. snapfs twice: from `snapfs mount`
+        (reflink_full, its start-up included, as in the "copy" group), and as
+        a snapshot of a live disk already mounted, from `snapfs snapshot`
+        until `snapfs wait` returns (reflink_take; + fsync of the target:
+        reflink_take_sync). The reference, in the snapfs turn: `cp
+        --reflink=never` + fsync of the same file on the same XFS. The extra
+        figure reflink_used is what the copy took on the XFS (df)."""
+        size = self.config.size
+        point = os.path.join(self.workdir, "xfs")
+        with loop_xfs(self.img("xfs.img"), point, 2 * size + 512 * MiB):
+            disk = os.path.join(point, "disk.img")
+            run(["cp", "--reflink=never", self.img("base.img"), disk])
+            sync_filesystem(point)  # PageCache.drop syncs the work directory's only
+            before = used_bytes(point)
+            target = os.path.join(point, f"{system}-full.img")
+            if system == "snapfs":
+                self._snapfs_copy(disk, target, "full", "reflink_full", keep=True)
+            else:
+                self._qemu_copy(disk, target, "full", "reflink_full", keep=True)
+            self.results.add_extra("reflink_used", system, used_bytes(point) - before)
+            remove(target, target + ".snapfs")
+            if system == "snapfs":
+                sync_filesystem(point)
+                with SnapfsInstance(self.workdir, disk, self.results.note) as instance:
+                    instance.mount_live()
+                    PageCache.drop()
+                    start = time.perf_counter()
+                    instance.take_snapshot(target, "full")
+                    instance.wait()
+                    self.results.add("reflink_take", system, time.perf_counter() - start)
+                    # of which the copy itself: from `snapfs snapshot`'s return
+                    # until `snapfs wait` returned (its start-up included)
+                    self.results.add("reflink_job", system, time.perf_counter() - start
+                                     - instance.snapshot_seconds[0])
+                    fsync_file(target)
+                    self.results.add("reflink_take_sync", system, time.perf_counter() - start)
+                self._check_target(target, disk, "reflink_take", system)
+                remove(target, target + ".snapfs")
+                dest = os.path.join(point, "cp.img")
+                sync_filesystem(point)
+                PageCache.drop()
+                start = time.perf_counter()
+                run(["cp", "--reflink=never", disk, dest])
+                fsync_file(dest)
+                self.results.add("reflink_cp_sync", REFERENCE, time.perf_counter() - start)
+
+    def _snapfs_copy(self, source: str, target: str, sync: str, key: str,
+                     keep: bool = False) -> None:
+        """Timed from the start of `snapfs mount` until `snapfs wait` returns;
+        the target is removed afterwards unless `keep`."""
         # warm snapfs' own code (Python modules), so that the cold cache is the data's
         python = snapfs_python()
         PageCache.drop()
@@ -266,10 +317,13 @@ class Measures:
         self.results.add(f"{key}_sync", "snapfs", synced)
         self.results.add(f"{key}_mount", "snapfs", mount_seconds)
         self._check_target(target, source, key, "snapfs")
-        remove(target, target + ".snapfs")
+        if not keep:
+            remove(target, target + ".snapfs")
 
-    def _qemu_copy(self, source: str, target: str, sync: str, key: str) -> None:
-        """Timed from blockdev-backup (the daemon already up) until BLOCK_JOB_COMPLETED."""
+    def _qemu_copy(self, source: str, target: str, sync: str, key: str,
+                   keep: bool = False) -> None:
+        """Timed from blockdev-backup (the daemon already up) until
+        BLOCK_JOB_COMPLETED; the target is removed afterwards unless `keep`."""
         remove(target)
         with open(target, "wb") as f:
             f.truncate(os.path.getsize(source))
@@ -282,7 +336,8 @@ class Measures:
         self.results.add(key, "qemu", seconds)
         self.results.add(f"{key}_sync", "qemu", synced)
         self._check_target(target, source, key, "qemu")
-        remove(target)
+        if not keep:
+            remove(target)
 
     def _check_target(self, target: str, source: str, key: str, system: str) -> None:
         """The copy equals its source (checked every time, reported once)."""

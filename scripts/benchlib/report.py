@@ -108,6 +108,30 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
         better="less", worse="more", values=(by_cp("snapfs"), by_cp("qemu")))
     row("FULL copy, until done + fsync of the target", "full_sync", "s", False,
         "(information)", None)
+
+    def durable_by(key, reference, sysname):  # until durable ÷ a plain copy + fsync
+        ref, t = m(reference, REFERENCE), m(f"{key}_sync", sysname)
+        return t / ref if ref and t else None
+
+    cp_sync = m("cp_sync", REFERENCE)
+    row(f"FULL copy until durable ÷ cold cp + fsync of the file ({fmt(cp_sync, 's')})", None,
+        "x", False, "snapfs ≤ 1 (no slower than cp + fsync)", lambda s, q, r: s <= 1,
+        better="less", worse="more",
+        values=(durable_by("full", "cp_sync", "snapfs"), durable_by("full", "cp_sync", "qemu")))
+    row("FULL copy on reflink XFS (SOURCE and TARGET on it), until durable",
+        "reflink_full_sync", "s", False, "(information)", None)
+    reflink_cp = m("reflink_cp_sync", REFERENCE)
+    row(f"FULL copy on reflink XFS until durable ÷ cp --reflink=never + fsync there "
+        f"({fmt(reflink_cp, 's')})", None, "x", False, "(information)", None,
+        better="less", worse="more",
+        values=(durable_by("reflink_full", "reflink_cp_sync", "snapfs"),
+                durable_by("reflink_full", "reflink_cp_sync", "qemu")))
+    # a backup of a disk in use: the live disk (snapfs) or the daemon (QEMU) runs already
+    row(f"FULL on reflink XFS of a running disk, until durable ÷ cp --reflink=never + "
+        f"fsync there (snapfs: from `snapfs snapshot`)", None, "x", False,
+        "snapfs ≤ 0.1 (10x faster)", lambda s, q, r: s <= 0.1, better="less", worse="more",
+        values=(durable_by("reflink_take", "reflink_cp_sync", "snapfs"),
+                durable_by("reflink_full", "reflink_cp_sync", "qemu")))
     allocated = (results.sparse_allocated if results.sparse_allocated is not None
                  else config.size * config.sparse_share)
     share = allocated / config.size
@@ -169,6 +193,15 @@ LABELS = {
     "src_seq": ("source file sequential read, cold (dd)", "MB/s"),
     "full": ("FULL copy, until done", "s"), "full_sync": ("FULL copy, + fsync of target", "s"),
     "cp": ("cold cp of the file", "s"), "cp_sync": ("cold cp + fsync", "s"),
+    "reflink_full": ("FULL copy on reflink XFS, until done", "s"),
+    "reflink_full_sync": ("FULL copy on reflink XFS, + fsync of target", "s"),
+    "reflink_full_mount": ("FULL copy on reflink XFS: of which `snapfs mount`", "s"),
+    "reflink_take": ("FULL on reflink XFS from `snapfs snapshot` of a mounted live disk, "
+                     "until done", "s"),
+    "reflink_take_sync": ("FULL on reflink XFS from `snapfs snapshot`, + fsync of target", "s"),
+    "reflink_job": ("FULL on reflink XFS: of which the job (`snapfs snapshot` returned until "
+                    "`snapfs wait` did)", "s"),
+    "reflink_cp_sync": ("cold cp --reflink=never + fsync on reflink XFS", "s"),
     "top": ("TOP copy, until done", "s"), "top_sync": ("TOP copy, + fsync of target", "s"),
     "full_mount": ("FULL copy: of which `snapfs mount`", "s"),
     "top_mount": ("TOP copy: of which `snapfs mount`", "s"),
@@ -194,6 +227,7 @@ EXTRA_LABELS = {
     "take_multi": ("`snapfs snapshot` in the first-write rows with several snapshots, each", "s"),
     "full_allocated": ("FULL target, allocated bytes", "MiB"),
     "top_allocated": ("TOP target, allocated bytes", "MiB"),
+    "reflink_used": ("FULL copy on reflink XFS: space it took there (df)", "MiB"),
     "trk_changed": ("change tracking: bytes marked changed after the writes", "MiB"),
     **{f"trk_ratio_{key}": (f"change tracking: {label}, tracked ÷ untracked, per repetition", "x")
        for key, label in (("seq_first", "first write sequential"),
@@ -329,6 +363,14 @@ images:
   nodes, timed until `BLOCK_JOB_COMPLETED`; snapfs runs `snapfs mount --sync
   full|top` and is timed from the start of `snapfs mount` until `snapfs wait`
   returns (its start-up included).
+- **FULL on reflink XFS** (the "reflink XFS" rows): SOURCE and TARGET on an
+  XFS made with `mkfs.xfs -m reflink=1` on a sparse file in the work
+  directory, loop-mounted, anew for every turn; snapfs clones the clusters
+  (FICLONERANGE), QEMU's `blockdev-backup` copies them (its copy offload is
+  off by default). The reference is `cp --reflink=never` of the same file on
+  the same XFS + fsync. snapfs is timed twice: from `snapfs mount` (as the
+  other background copy rows), and from `snapfs snapshot` on a live disk
+  already mounted, until `snapfs wait` returns and the target is fsynced;
 - **change tracking** (the "Change tracking on" rows, tracked ÷ untracked):
   the writes of the first-write and overwrite rows on a live disk with no
   snapshot, each time on a fresh copy of the image, once *tracked* and once
@@ -355,10 +397,11 @@ image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
-write,multi,copy,top,memory,take,tracking` to run part of it (`multi`: the
-rows with several snapshots; `take`: the snapshot of a mounted live disk;
-`tracking`: the change tracking rows), `--note TEXT` to add a remark to the
-notes (what else ran on the machine, say).
+write,multi,copy,top,reflink,memory,take,tracking` to run part of it (`multi`:
+the rows with several snapshots; `reflink`: the FULL copy on a loop-mounted
+XFS with reflink=1; `take`: the snapshot of a mounted live disk; `tracking`:
+the change tracking rows), `--note TEXT` to add a remark to the notes (what
+else ran on the machine, say).
 
 ## How to read it
 
