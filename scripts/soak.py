@@ -727,8 +727,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)  # also when started in the background (SIG_IGN)
     soak = Soak(a.minutes, a.size, seed, a.keep, a.inject_mismatch)
-    commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
-                             "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("SOAK_COMMIT") or subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True).stdout.strip()
+    import snapfs
+    log(f"snapfs from {Path(snapfs.__file__).parent}")
     log(f"soak: {a.minutes} min, {a.size} MiB image, seed {seed}, commit {commit or '?'}, "
         f"in {soak.root}")
     t0 = time.monotonic()
