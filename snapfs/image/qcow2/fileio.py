@@ -115,7 +115,8 @@ class ImageFile:
     preparation. The lock is never held during a sync: see `sync_unlocked`
     and "Threads" in the package docstring."""
 
-    def __init__(self, fd: int, path: str, cluster_bits: int, file_size: int):
+    def __init__(self, fd: int, path: str, cluster_bits: int, file_size: int,
+                 writable: bool = False):
         self.fd = fd
         self.path = path
         self.cluster_bits = cluster_bits
@@ -124,6 +125,11 @@ class ImageFile:
         self.cond = threading.Condition(self.lock)
         self.syncs = 0          # threads syncing without the lock
         self._known_size = file_size    # at most the file's size: it only grows
+        # writable images: {cluster: what} for the clusters that hold metadata
+        # (the header, the L1 and refcount tables, L2 tables, refcount blocks),
+        # as QEMU's overlap checks: a table entry that would make the driver
+        # write guest data or other metadata there, or free it, is EIO
+        self.metadata: dict[int, str] | None = {0: "header"} if writable else None
 
     def corrupt(self, what: str) -> OSError:
         """The error for metadata that cannot be right (EIO)."""
@@ -141,6 +147,57 @@ class ImageFile:
             self._known_size = os.lseek(self.fd, 0, os.SEEK_END)
             if offset >= self._known_size:
                 raise self.corrupt(f"{what} offset {offset:#x} lies past the end of the file")
+
+    @property
+    def known_size(self) -> int:
+        """A size the file has at least (it only grows)."""
+        return self._known_size
+
+    def check_inside(self, offset: int, what: str) -> None:
+        """Refuse (EIO) data that an entry places past the end of the file."""
+        if offset >= self._known_size:
+            self._known_size = os.lseek(self.fd, 0, os.SEEK_END)
+            if offset >= self._known_size:
+                raise self.corrupt(f"{what} offset {offset:#x} lies past the end of the file")
+
+    def register(self, offset: int, length: int, what: str) -> None:
+        """Note clusters holding metadata (writable images). A cluster that
+        two structures claim is noted as overlapping: neither is used."""
+        if self.metadata is None:
+            return
+        bits = self.cluster_bits
+        for c in range(offset >> bits, ((offset + max(length, 1) - 1) >> bits) + 1):
+            self.metadata[c] = "overlapping metadata" if c in self.metadata else what
+
+    def unregister(self, offset: int, length: int) -> None:
+        if self.metadata is None:
+            return
+        bits = self.cluster_bits
+        for c in range(offset >> bits, ((offset + max(length, 1) - 1) >> bits) + 1):
+            self.metadata.pop(c, None)
+
+    def check_metadata_cluster(self, offset: int, what: str) -> None:
+        """Refuse (EIO) to use the cluster at `offset` as the `what` (an L2
+        table, a refcount block) when it is not noted as one: an entry that
+        points to other metadata, or past the end of the file as it was
+        when opened."""
+        if self.metadata is not None:
+            found = self.metadata.get(offset >> self.cluster_bits)
+            if found != what:
+                raise self.corrupt(f"{what} offset {offset:#x} points to "
+                                   f"{found or 'a cluster that is no ' + what}")
+
+    def check_data_clusters(self, first: int, count: int, what: str) -> None:
+        """Refuse (EIO) to write guest data into, or free, clusters
+        [first, first + count) if one holds metadata or lies past the end of
+        the file."""
+        metadata = self.metadata
+        if metadata is not None:
+            for c in range(first, first + count):
+                if c in metadata:
+                    raise self.corrupt(f"{what} at {c << self.cluster_bits:#x} is "
+                                       f"the {metadata[c]}")
+        self.check_inside((first + count - 1) << self.cluster_bits, what)
 
     def on_disk(self, offset: int, length: int) -> bytes | None:
         """The bytes of the file at `offset`, or None if they cannot be read:

@@ -36,6 +36,10 @@ MAX_CHAIN_DEPTH = 256
 log = logging.getLogger("snapfs")
 
 
+def _regular_or_block(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
 class Placement(NamedTuple):
     """Where a write puts the data of one guest cluster: in its host cluster
     `host` (a fresh one from the pool if `fresh`), replacing L2 entry
@@ -108,7 +112,7 @@ class Qcow2Image(Image):
         self.size = header.size
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
-        self._file = ImageFile(fd, path, header.cluster_bits, file_size)
+        self._file = ImageFile(fd, path, header.cluster_bits, file_size, writable)
         self._lock = self._file.lock
         self._refcounts = Refcounts(self._file, header, file_size) if writable else None
         # a read-only top image may be written meanwhile by another process
@@ -149,13 +153,17 @@ class Qcow2Image(Image):
             path = os.path.join(backing_dir if backing_dir is not None
                                 else os.path.dirname(self.path), path)
         try:
-            # (O_NONBLOCK: a name that leads to a FIFO must not hang the open)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            # a device node is not even opened (opening one can have effects:
+            # a terminal, a watchdog, a tape); O_NONBLOCK: a name that leads
+            # to a FIFO put there since must not hang the open
+            if not _regular_or_block(os.stat(path).st_mode):
+                raise self._refuse(f"the backing file {shown} is not a regular file")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
             raise self._refuse(f"cannot open backing file {shown}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            if not _regular_or_block(st.st_mode):
                 raise self._refuse(f"the backing file {shown} is not a regular file")
             if (st.st_dev, st.st_ino) in seen:
                 raise self._refuse(f"backing chain loop: {shown} is already in the chain")
@@ -175,6 +183,11 @@ class Qcow2Image(Image):
                     if not problem.startswith("backing file "):
                         problem = f"backing file {shown}: {problem}"
                     raise self._refuse(problem) from None
+        except OSError as e:
+            # (a file that cannot be read like one: a /proc or /sys file)
+            if fd >= 0:
+                os.close(fd)
+            raise self._refuse(f"cannot read backing file {shown}: {e.strerror}") from None
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -202,6 +215,7 @@ class Qcow2Image(Image):
 
     def _read_compressed(self, entry: int) -> bytes:
         offset, stop = self._clusters.compressed_range(entry)
+        self._file.check_inside(offset, "compressed cluster")
         raw = os.pread(self._file.fd, stop - offset, offset)
         try:
             # raw deflate (no zlib header), as QEMU writes it (window bits 12)
@@ -327,6 +341,12 @@ class Qcow2Image(Image):
             if not all(r.kind == DATA and r.entry & OFLAG_COPIED for r in runs):
                 self._write_locked(offset, view)
                 return
+            bits = self.cluster_bits
+            for run in runs:
+                first = run.host >> bits
+                self._file.check_data_clusters(
+                    first, ((run.host + run.stop - run.start - 1) >> bits) - first + 1,
+                    "data cluster")
         # all clusters are allocated and ours alone: no metadata to change
         fd = self._file.fd
         for run in runs:
@@ -376,6 +396,7 @@ class Qcow2Image(Image):
         for data in bitmaps if header.autoclear & AUTOCLEAR_BITMAPS else ():
             names += bitmap_clusters(self._file, data, clusters)
         for c, n in clusters.items():
+            self._file.check_data_clusters(c, 1, "persistent bitmap cluster")
             if self._refcounts.refcount(c) < n:
                 raise self._file.corrupt(f"cluster {c} of a persistent bitmap has refcount "
                                          f"{self._refcounts.refcount(c)}, below its {n} "
@@ -442,9 +463,14 @@ class Qcow2Image(Image):
                 e = table[cc - base]
                 if e & OFLAG_COMPRESSED or not e & L2E_OFFSET_MASK or not e & OFLAG_COPIED:
                     needed += 1
+                    if e:
+                        clusters.check_replaceable(e)    # its clusters are freed
                 elif e & L2E_OFFSET_MASK & (cs - 1):
                     raise self._file.corrupt(f"data cluster offset {e & L2E_OFFSET_MASK:#x} "
                                              "is not aligned")
+                else:
+                    self._file.check_data_clusters((e & L2E_OFFSET_MASK) >> bits, 1,
+                                                   "data cluster")
             fresh = refcounts.alloc(needed) if needed else []
             taken = iter(fresh)
             placements = []
@@ -587,14 +613,21 @@ class Qcow2Image(Image):
                 e = 0 if table is None else table[cc - base]
                 host = e & L2E_OFFSET_MASK
                 if e & OFLAG_COMPRESSED:
+                    clusters.check_replaceable(e)
                     changes.append(L2Change(cc - base, OFLAG_ZERO))
                 elif e & OFLAG_ZERO:
                     continue
                 elif host and e & OFLAG_COPIED:
                     # keep the cluster preallocated, give its space back
+                    if host & (cs - 1):
+                        raise self._file.corrupt(f"data cluster offset {host:#x} is not "
+                                                 "aligned")
+                    self._file.check_data_clusters(host >> bits, 1, "data cluster")
                     changes.append(L2Change(cc - base, host | OFLAG_COPIED | OFLAG_ZERO))
                     punch.append(host >> bits)
                 elif host or cc < backing_clusters:
+                    if host:
+                        clusters.check_replaceable(e)
                     changes.append(L2Change(cc - base, OFLAG_ZERO))
             if changes:
                 table = clusters.l2_for_write(l1_index)
@@ -614,6 +647,9 @@ class Qcow2Image(Image):
             # release the lock to refill the pool)
             run = self._clusters.runs(pos, min(step, end - pos))[0]
             if run.kind == DATA and run.entry & OFLAG_COPIED:
+                self._file.check_data_clusters(run.host >> bits,
+                                               (run.stop - run.start + cs - 1) >> bits,
+                                               "data cluster")
                 if not punch_hole(self._file.fd, run.host, run.stop - run.start):
                     pwrite(self._file.fd, bytes(run.stop - run.start), run.host)
             elif run.kind != UNALLOC or (self.backing is not None

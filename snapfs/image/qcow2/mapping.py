@@ -80,6 +80,14 @@ class ClusterMap:
         self.l1 = be_array(pread_exact(file.fd, header.l1_size * 8, header.l1_offset)) \
             if header.l1_size else array.array("Q")
         self._l2_cache = LRU(max(8, L2_CACHE_BYTES >> bits))
+        if file.metadata is not None:
+            cs = file.cluster_size
+            file.register(header.l1_offset, header.l1_size * 8, "L1 table")
+            size = file.known_size
+            for e in self.l1:
+                offset = e & L1E_OFFSET_MASK
+                if offset and not offset & (cs - 1) and offset < size:
+                    file.register(offset, cs, "L2 table")
         self.zero_flag = OFLAG_ZERO if header.version >= 3 else 0
         # compressed cluster descriptor: offset in bits 0..x-1, sectors in x..61
         self._cshift = 62 - (bits - 8)
@@ -96,6 +104,7 @@ class ClusterMap:
         table = self._l2_cache.lookup(offset)
         if table is None:
             self.file.check_metadata_offset(offset, "L2 table")
+            self.file.check_metadata_cluster(offset, "L2 table")
             table = be_array(pread_exact(self.file.fd, self.file.cluster_size, offset))
             self._l2_cache.put(offset, table)
         return table
@@ -166,6 +175,8 @@ class ClusterMap:
                     kind = DATA
                     if host & (cs - 1):
                         raise self.file.corrupt(f"data cluster offset {host:#x} is not aligned")
+                    if host >= self.file.known_size:
+                        self.file.check_inside(host, "data cluster")
                     host += start & (cs - 1)
                 elif e & OFLAG_COPIED:
                     raise self.file.corrupt(f"L2 entry {e:#x} has no offset")
@@ -209,6 +220,7 @@ class ClusterMap:
                     raw = table.tobytes()  # zero or not does not depend on byte order
                 else:
                     file.check_metadata_offset(l2_offset, "L2 table")
+                    file.check_metadata_cluster(l2_offset, "L2 table")
                     raw = pread_exact(file.fd, file.cluster_size, l2_offset)
                     table = array.array("Q")
                     table.frombytes(raw)
@@ -275,10 +287,12 @@ class ClusterMap:
                 got = self.file.on_disk(self.l1_offset + l1_index * 8, 8)
                 if got == entry.to_bytes(8, "big"):
                     self.l1[l1_index] = entry
+                    self.file.register(offset, self.file.cluster_size, "L2 table")
                     self._l2_cache.put(offset, table)
                 elif got is not None:
                     refcounts.free_later([cluster])
                 raise
+            self.file.register(offset, self.file.cluster_size, "L2 table")
             self._l2_cache.put(offset, table)
             return table
         table = self.l2_table(l1_index)
@@ -329,6 +343,13 @@ class ClusterMap:
             if table[i]:
                 self.drop_reference(table[i], e)
             table[i] = e
+
+    def check_replaceable(self, entry: int) -> None:
+        """Refuse (EIO) to replace an L2 entry whose clusters would then be
+        freed while they hold metadata or lie past the end of the file."""
+        clusters = self.entry_clusters(entry)
+        if clusters:
+            self.file.check_data_clusters(clusters.start, len(clusters), "data cluster")
 
     def drop_reference(self, entry: int, kept: int) -> None:
         """L2 entry `entry` was replaced by `kept`: queue the freeing of the

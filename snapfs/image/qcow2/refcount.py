@@ -62,6 +62,13 @@ class Refcounts:
         self._grown = False             # the file was extended by this instance
         self._pool_chunk = max(1, min(POOL_MAX_CLUSTERS, POOL_FIRST_BYTES // cs))
         self._frontier = -(-file_size // cs)   # clusters from here on are free
+        self._leak_limit = (min(POOL_MAX_CLUSTERS, max(1, POOL_MAX_BYTES // cs))
+                            + 2 * (MAX_REFTABLE_BYTES // cs) + 64)
+        file.register(self.reftable_offset, self.reftable_clusters * cs, "refcount table")
+        for e in self.reftable:
+            offset = e & REFT_OFFSET_MASK
+            if offset and not offset & (cs - 1) and offset < file_size:
+                file.register(offset, cs, "refcount block")
 
     # --- refcount blocks and entries ------------------------------------
 
@@ -76,6 +83,7 @@ class Refcounts:
         block = self._blocks.lookup(index)
         if block is None:
             self.file.check_metadata_offset(offset, "refcount block")
+            self.file.check_metadata_cluster(offset, "refcount block")
             block = RefcountBlock(offset, bytearray(pread_exact(self.file.fd,
                                                                 self.file.cluster_size, offset)))
             self._blocks.put(index, block)
@@ -240,6 +248,7 @@ class Refcounts:
         cs = file.cluster_size
         E = self.block_entries
         want = max(count, self._pool_chunk)
+        start = self._frontier
         while True:
             first = self._frontier
             new_table = 0     # clusters of a new (moved, bigger) refcount table
@@ -258,10 +267,24 @@ class Refcounts:
                 if table == new_table and miss == missing:
                     break
                 new_table, missing = table, miss
+            # a missing block means its clusters are free: not so if it would
+            # count metadata (block 0 always counts the header)
+            for b in missing:
+                used = [c for c in range(b * E, min(first, (b + 1) * E))
+                        if c in (file.metadata or ())]
+                if used:
+                    raise file.corrupt(f"refcount block {b} is missing, but cluster "
+                                       f"{used[0]} ({file.metadata[used[0]]}) is in use")
             # clusters past the end of the file must be free; skip any that are not
             busy = self.last_used_in(first, end)
             if busy is None:
                 break
+            if busy >= start + self._leak_limit:
+                # a crash can leave at most about one refill's worth of
+                # clusters counted past the end of the file: more is damage,
+                # and would grow the file without bound
+                raise file.corrupt(f"refcount of cluster {busy}, far past the end of the "
+                                   f"file, is {self.refcount(busy)}")
             self._frontier = busy + 1
 
         table_at = first
@@ -372,8 +395,13 @@ class Refcounts:
                       blocks: dict[int, RefcountBlock]) -> None:
         """The header now points to a new refcount table (with new blocks):
         use it, and queue the old one for freeing (after the next sync)."""
-        old_first = self.reftable_offset // self.file.cluster_size
+        cs = self.file.cluster_size
+        old_first = self.reftable_offset // cs
         self.free_later(range(old_first, old_first + self.reftable_clusters))
+        self.file.unregister(self.reftable_offset, self.reftable_clusters * cs)
+        self.file.register(offset, clusters * cs, "refcount table")
+        for block in blocks.values():
+            self.file.register(block.offset, cs, "refcount block")
         self.reftable = reftable
         self.reftable_offset, self.reftable_clusters = offset, clusters
         for b, block in blocks.items():
@@ -386,6 +414,7 @@ class Refcounts:
         self.reftable[lo:lo + len(entries)] = entries
         for b, block in blocks.items():
             if self.reftable[b] & REFT_OFFSET_MASK:
+                self.file.register(block.offset, self.file.cluster_size, "refcount block")
                 self._blocks.put(b, block)
 
     def _abandon(self, first: int, end: int) -> None:
@@ -474,6 +503,9 @@ class Refcounts:
             lo = max(0, lo - max(self.block_entries, end - lo))
             last = self.last_used_in(lo, end)
         keep = 0 if last is None else last + 1
+        if self.file.metadata:
+            # never cut off metadata, whatever damaged refcounts say
+            keep = max(keep, max(self.file.metadata) + 1)
         if keep < end:
             os.ftruncate(self.file.fd, keep * cs)
             self._frontier = keep
