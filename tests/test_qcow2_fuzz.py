@@ -197,7 +197,11 @@ def check_metadata_kept(before: bytes, after: bytes, written: list[tuple[int, in
         elif role == "reftable":
             if moved and not any(after[lo:hi]):
                 continue                        # the old table, freed and punched
-            for i in changed:     # only where there was no block (offset 0)
+            for i in changed:     # only where there was no block (offset 0), to a block
+                new_entry = int.from_bytes(after[i:i + 8], "big")
+                assert new_entry & (cs - 1) == 0 and new_entry >> 56 == 0, \
+                    f"{where}: refcount table entry {(i - lay.reft_off) // 8} set to " \
+                    f"{new_entry:#x}"
                 assert int.from_bytes(before[i:i + 8], "big") & ~511 == 0, \
                     f"{where}: refcount table entry {(i - lay.reft_off) // 8} changed"
 
@@ -448,12 +452,14 @@ def exercise_writes(img, ops) -> list[tuple[int, int]]:
 def run_case(env, watch, damage, writable: bool, ops=()) -> None:
     data = damaged(*damage)
     path = env.path
+    # overwritten in place, not truncated to 0 first: ext4 flushes a file
+    # rewritten that way when it is closed
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.unlink(path)     # (rewriting a file in place makes ext4 flush it at close)
-    except FileNotFoundError:
-        pass
-    with open(path, "wb") as f:
-        f.write(data)
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
     with guarded(watch, path):
         img = open_image(path, writable)
         if img is None:
@@ -609,12 +615,21 @@ def test_damaged_header(env, watch, damage, writable, ops):
 
 @settings(FUZZ, max_examples=int(2500 * SCALE))
 @given(damage=damaged_tables(), ops=ops_strategy)
+# an L2 entry pointing past the end of the file: was read there (now EIO)
+@example(damage=("v3-512", [(2048, q(0xF600))]), ops=[])
 def test_damaged_tables_read_only(env, watch, damage, ops):
     run_case(env, watch, damage, False)
 
 
 @settings(FUZZ, max_examples=int(3500 * SCALE))
 @given(damage=damaged_tables(), ops=ops_strategy)
+# an L1 entry pointing to the refcount table: L2 entries were written into it
+@example(damage=("v3-512", [(1536, q(0)), (1544, q(0x200))]), ops=[("write", 0.15, 1)])
+# refcount block 0 missing: a new one counted the header and tables as free
+@example(damage=("v3-512", [(512, q(1)), (1536, q(0))]), ops=[("write", 0.0, 1)])
+# refcount block 0 pointing to a data cluster of 0x01 bytes: refcounts 1 up
+# to 4 GiB past the end of the file pushed allocation (and the file) there
+@example(damage=("v3-64k", [(0x10000, q(0x50000))]), ops=[("write", 0.3, 1)])
 def test_damaged_tables_written(env, watch, damage, ops):
     run_case(env, watch, damage, True, ops)
 
