@@ -282,11 +282,30 @@ class Snapshot:
     async def _run_job(self) -> None:
         job, copymap = self.job, self.store.copymap
         await job.run()
+        if job.state == "completed" and self.tracker is not None \
+                and self.tracker.find(self.id) is not None:
+            await self._make_durable()
         # Record how it ended: a snapshot brought back after a crash goes on
         # from here.
         copymap.write_info(state=job.state, error=job.error, bytes_done=job.bytes_done,
                            bytes_total=job.bytes_total)
         await self.settle_checkpoint()
+
+    async def _make_durable(self) -> None:
+        """Before a completed backup becomes a checkpoint: its target and copy
+        map, then SOURCE, are made durable, so that after a power loss the
+        checkpoint's target holds what it says and SOURCE holds at least the
+        checkpoint's image plus what change tracking records. A failure makes
+        the job fail (no checkpoint)."""
+        store, source, job = self.store, self.source, self.job
+        store.flushing += 1
+        try:
+            await trio.to_thread.run_sync(lambda: (store.flush(), source.flush()))
+        except OSError as e:
+            log.error("%s: flushing the completed backup failed: %s", self.request.target, e)
+            job.state, job.error = "failed", f"flushing the target failed: {e.strerror or e}"
+        finally:
+            store.flushing -= 1
 
     async def settle_checkpoint(self) -> None:
         """Its job ended: a completed backup becomes a checkpoint; one that did
