@@ -13,10 +13,12 @@ import errno
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
-from conftest import alive, is_mounted, run_snapfs, tmpfs, wait_until
+from conftest import alive, is_mounted, random_bytes, run_snapfs, tmpfs, wait_until, write_image
+from faults import faulty_dir
 from test_snapshots_on_demand import MiB, disk, status  # noqa: F401 (disk: a fixture)
 
 
@@ -127,3 +129,89 @@ def test_a_broken_snapshot_stays_broken_after_the_daemon_dies(tmp_path, disk):
         assert again["broken"] and again["state"] == "failed"
         run_snapfs("release", lost)
         d.umount()
+
+
+# --- with TARGET on faultfs: EIO, a hung target, a failing fsync ---------------
+
+def _live_pwrite(path, data: bytes, offset: int) -> int | None:
+    """The errno a guest's pwrite to LIVE fails with, or None."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+    return None
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    """Before `mount` (ask for it first), so that snapfs stops before its disk."""
+    with faulty_dir(tmp_path) as fs:
+        yield fs
+
+
+def test_break_snapshot_on_target_eio(faulty, mount, tmp_path):
+    source = write_image(tmp_path / "disk.img", random_bytes(4 * MiB, seed=7))
+    before = source.read_bytes()
+    inst = mount(source, sync="none", target=faulty.path / "t.img",
+                 extra=["--on-cbw-error", "break-snapshot"])
+    faulty.fail("write", errno.EIO, name="t.img")
+    assert _live_pwrite(inst.live, b"after" * 1000, MiB) is None
+    assert source.read_bytes()[MiB:MiB + 5000] == b"after" * 1000
+    info = inst.status()
+    assert info["broken"] and "Input/output" in info["broken"] and info["state"] == "failed"
+    with pytest.raises(OSError) as raised:
+        inst.snapshot.read_bytes()
+    assert raised.value.errno == errno.EIO
+    faulty.clear()
+    assert _live_pwrite(inst.live, b"more", 2 * MiB) is None  # the live disk goes on
+    assert source.read_bytes()[:MiB] == before[:MiB]
+    inst.umount()
+
+
+@pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
+def test_timeout_on_a_hung_target(faulty, mount, tmp_path, policy):
+    """A target that stops answering: after --cbw-timeout the write fails
+    (EIO) or the snapshot breaks and the write goes through; when the target
+    comes back, everything goes on and nothing is left behind."""
+    source = write_image(tmp_path / "disk.img", random_bytes(4 * MiB, seed=8))
+    before = source.read_bytes()
+    inst = mount(source, sync="none", target=faulty.path / "t.img",
+                 extra=["--on-cbw-error", policy, "--cbw-timeout", "1"])
+    faulty.hang("write", name="t.img")
+    started = time.monotonic()
+    result = _live_pwrite(inst.live, b"late" * 1024, MiB)
+    took = time.monotonic() - started
+    assert took < 10, f"the write took {took:.1f} s with a 1 s timeout"
+    assert os.stat(inst.live).st_size == 4 * MiB  # the live disk answers meanwhile
+    if policy == "break-guest-write":
+        assert result == errno.EIO
+        assert source.read_bytes() == before, "a refused write reached SOURCE"
+        assert inst.status()["failed_writes"] >= 1
+        assert "more than 1 s" in inst.status()["last_error"]
+    else:
+        assert result is None
+        assert "more than 1 s" in inst.status()["broken"]
+    faulty.clear()  # the target answers again: the abandoned copy ends
+    if policy == "break-guest-write":
+        assert wait_until(lambda: _live_pwrite(inst.live, b"again", MiB) is None)
+        assert inst.snapshot.read_bytes() == before, "the snapshot changed"
+    inst.umount()
+
+
+def test_break_snapshot_on_target_fsync_eio(faulty, mount, tmp_path):
+    source = write_image(tmp_path / "disk.img", random_bytes(4 * MiB, seed=9))
+    inst = mount(source, sync="none", target=faulty.path / "t.img",
+                 extra=["--on-cbw-error", "break-snapshot"])
+    assert _live_pwrite(inst.live, b"x" * 4096, 0) is None
+    faulty.fail("fsync", errno.EIO, name="t.img")
+    fd = os.open(inst.live, os.O_WRONLY)
+    try:
+        os.fsync(fd)  # the guest's fsync succeeds: the snapshot breaks instead
+    finally:
+        os.close(fd)
+    assert inst.status()["broken"]
+    faulty.clear()
+    inst.umount()
