@@ -4,8 +4,8 @@ command; ENOSPC also comes from a real full tmpfs.
 
 The oracle for the snapshot is a copy of SOURCE taken before the snapshot.
 Every test ends with both mounts answering and the snapshot exact once the
-fault is gone; expectations snapfs does not meet are xfail(strict) with the
-behaviour seen."""
+fault is gone. These run with the default policy (break-guest-write);
+tests/test_cbw_policies.py covers break-snapshot and the timeout."""
 
 from __future__ import annotations
 
@@ -15,22 +15,8 @@ import os
 
 import pytest
 
-from conftest import fill, random_bytes, run_snapfs, tmpfs, write_image
+from conftest import fill, random_bytes, tmpfs, write_image
 from faults import faulty_dir
-from snapfs import protocol
-
-#: snapfs as committed at 47790b2 keeps no trace of a write that copy-before-write
-#: refused; the error-policy rewrite (--on-cbw-error, in progress) reports it
-REPORTS_REFUSED_WRITES = hasattr(protocol, "CBW_ERROR_POLICIES")
-NO_REFUSED_WRITE_IN_STATUS = (
-    "snapfs status does not show a refused write's error: the guest's write fails and "
-    "the snapshot stays exact, but the snapshot's status stays state=running, error=null "
-    "(no field records failed copy-before-write) until the error-policy rewrite lands")
-
-
-def expect_refused_write_in_status(request, when: bool = True) -> None:
-    if when and not REPORTS_REFUSED_WRITES:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=NO_REFUSED_WRITE_IN_STATUS))
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -101,9 +87,8 @@ WRITE_FAULTS = [("ENOSPC", errno.ENOSPC, "No space left on device"),
 
 @pytest.mark.parametrize("sync", ["full", "none"])
 @pytest.mark.parametrize("name,code,text", WRITE_FAULTS, ids=[f[0] for f in WRITE_FAULTS])
-def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, request, sync, name,
+def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, sync, name,
                                                      code, text):
-    expect_refused_write_in_status(request)
     source, oracle = make_source(tmp_path)
     inst = mount(source, sync=sync, cluster_size="64K", speed=SLOW,
                  target=faulty.path / "target.img")
@@ -129,10 +114,9 @@ def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, re
 
 
 @pytest.mark.parametrize("sync", ["full", "none"])
-def test_target_on_a_full_file_system(mount, tmp_path, request, sync):
+def test_target_on_a_full_file_system(mount, tmp_path, sync):
     """ENOSPC from a real full disk: a small tmpfs holds TARGET. (With FULL,
     the job fails too, on its next chunk, and status shows that.)"""
-    expect_refused_write_in_status(request, when=sync == "none")
     source, oracle = make_source(tmp_path)
     with tmpfs(tmp_path / "small", "2M") as small:
         inst = mount(source, sync=sync, cluster_size="64K", speed=SLOW,
