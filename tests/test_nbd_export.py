@@ -54,12 +54,15 @@ class Writer(threading.Thread):
             n += 1
 
 
-def exporters() -> list[int]:
+def exporters(root) -> list[int]:
+    """nbdkit processes serving a snapshot below `root` (not another test's)."""
+    needle = os.fsencode(str(root))
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"nbdkit_plugin.py" in f.read():
+                cmdline = f.read()
+                if b"nbdkit_plugin.py" in cmdline and needle in cmdline:
                     found.append(int(pid))
         except OSError:
             pass
@@ -73,7 +76,7 @@ def test_export_over_a_unix_socket_while_the_disk_is_written(tmp_path, mount, sy
     original = sparse_image(tmp_path / "disk.img", size, [1, 2, 9, 30])
     inst = mount(tmp_path / "disk.img", sync=sync)
     sock = tmp_path / "nbd.sock"
-    before = set(exporters())
+    before = set(exporters(tmp_path))
     shown = run_snapfs("export", inst.snapshot_dir, "--socket", sock).stdout.strip()
     uri = f"nbd+unix:///?socket={sock}"
     assert shown == uri
@@ -98,7 +101,7 @@ def test_export_over_a_unix_socket_while_the_disk_is_written(tmp_path, mount, sy
     finally:
         writer.stop.set()
         writer.join()
-    mine = set(exporters()) - before
+    mine = set(exporters(tmp_path)) - before
     assert mine, "no nbdkit serving"
     run_snapfs("release", inst.snapshot_dir)  # in use by the export: it ends first
     assert wait_until(lambda: not any(alive(pid) for pid in mine))
