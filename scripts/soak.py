@@ -404,12 +404,13 @@ class Soak:
 
     # ---- snapshots ----------------------------------------------------------
 
-    def take_snapshots(self) -> None:
-        """Quiesce, hash SOURCE (the model), take 1-3 snapshots at once."""
+    def take_snapshots(self, at_least: int = 0) -> None:
+        """Quiesce, hash SOURCE (the model), take 1-3 snapshots at once (or
+        enough for `at_least` active ones)."""
         room = MAX_ACTIVE - len(self.snaps)
         if room <= 0:
             return
-        n = min(room, self.rng.randrange(1, 4))
+        n = min(room, max(self.rng.randrange(1, 4), at_least - len(self.snaps)))
         info = self.status(self.live_dir)
         has_checkpoint = bool(info and info.get("checkpoints"))
         with self.quiesce:
@@ -614,7 +615,7 @@ class Soak:
             self.finish_fio()
             if not crashed and time.monotonic() >= crash_at:
                 if len(self.snaps) < 3:  # a crash with several snapshots to bring back
-                    self.take_snapshots()
+                    self.take_snapshots(at_least=3)
                     time.sleep(2)
                 self.crash_and_resume()
                 crashed = True
@@ -627,7 +628,7 @@ class Soak:
                 f"mismatches {self.stats.get('mismatches')}, errors {self.stats.get('errors')}")
         if not crashed:  # a run too short to reach the middle still crashes once
             if len(self.snaps) < 3:
-                self.take_snapshots()
+                self.take_snapshots(at_least=3)
             self.crash_and_resume()
         self.stop.set()
         for t in self.threads:
