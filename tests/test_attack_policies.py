@@ -4,8 +4,10 @@ commands. TARGET or SOURCE lies on faultfs (tests/faults.py) or on a small
 tmpfs. The oracle for a snapshot is a copy of SOURCE taken before it: a read
 of a snapshot that returns data must return exactly that.
 
-Tests marked xfail(strict=True) show defects (their reason says what was
-seen); the others stay as regression tests."""
+Each test that found a defect (a hung target holding up other snapshots,
+a FULL job completing over clusters an abandoned copy never saved, cached
+pages of a broken snapshot, an export refused without saying why) stays as
+its regression test."""
 
 from __future__ import annotations
 
@@ -157,10 +159,6 @@ def test_readers_racing_a_break_never_see_post_snapshot_data(tmp_path, disk):
         d.umount()
 
 
-@pytest.mark.xfail(strict=True, reason="for up to 0.2 s after the break, reads of pages "
-                   "the kernel cached before it return data (the snapshot process only polls "
-                   "the flag every 0.2 s), though docs/design.md says no read of a broken "
-                   "snapshot returns data, cached or not")
 def test_cached_pages_are_not_served_right_after_the_break(tmp_path, disk):
     d = disk(size=8 * MiB, seed=4)
     d.mount()
@@ -202,10 +200,6 @@ def test_cached_pages_are_not_served_right_after_the_break(tmp_path, disk):
 
 # --- one hung target must not drag down the other snapshots ----------------
 
-@pytest.mark.xfail(strict=True, reason="snapshot B (healthy target, break-snapshot, 1 s) "
-                   "breaks because snapshot A's target hangs: one worker thread copies into "
-                   "every store in turn, so B's copy waits behind A's hung write and B times "
-                   "out too")
 def test_a_hung_target_does_not_break_another_snapshot(rig, disk, tmp_path):
     faulty = rig
     d = disk(size=4 * MiB, seed=5)
@@ -224,10 +218,6 @@ def test_a_hung_target_does_not_break_another_snapshot(rig, disk, tmp_path):
     assert (b / "disk.img").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="with snapshot A's target hung (A: break-guest-write, "
-                   "--cbw-timeout 1) and a healthy snapshot B (same policy and timeout), "
-                   "guest writes fail with EIO for B's sake: failed_writes counts them on B "
-                   "although B's target never failed")
 def test_a_hung_target_does_not_fail_writes_for_another_snapshot(rig, disk):
     faulty = rig
     d = disk(size=4 * MiB, seed=6)
@@ -243,10 +233,6 @@ def test_a_hung_target_does_not_fail_writes_for_another_snapshot(rig, disk):
     assert info_b["failed_writes"] == 0, f"B counted a failure: {info_b['last_error']}"
 
 
-@pytest.mark.xfail(strict=True, reason="a break-snapshot snapshot with --cbw-timeout 1 on a "
-                   "hung target, next to a snapshot without a timeout on a healthy target: the "
-                   "guest's write hangs until the hung target answers (the no-timeout store "
-                   "waits for the shared copy thread, stuck on the hung target); A never breaks")
 def test_timeout_holds_next_to_a_snapshot_without_timeout(rig, disk):
     faulty = rig
     d = disk(size=4 * MiB, seed=7)
@@ -268,11 +254,6 @@ def test_timeout_holds_next_to_a_snapshot_without_timeout(rig, disk):
 
 # --- the background job and a timed-out copy on the same clusters --------------
 
-@pytest.mark.xfail(strict=True, reason="a FULL job passes over clusters claimed by a "
-                   "timed-out copy-before-write (it counts them done); when that abandoned copy "
-                   "then fails (here its SOURCE read), the clusters stay uncopied, yet the job "
-                   "ends 'completed' (and becomes a checkpoint): the released TARGET has zeros "
-                   "in the last cluster where the point-in-time image has data")
 def test_full_job_completed_means_target_is_complete(rig, mount, tmp_path):
     faulty = rig
     source = write_image(faulty.path / "disk.img", random_bytes(4 * MiB, seed=8))
@@ -494,10 +475,6 @@ def test_commands_and_nbd_on_a_broken_snapshot(tmp_path, disk):
         d.umount()
 
 
-@pytest.mark.xfail(strict=True, reason="`snapfs export` of a broken snapshot is refused only "
-                   "because nbdkit cannot open the file: the user sees 'nbdkit exited with 1 "
-                   "before serving ... (see the log)', not that the snapshot is broken (as "
-                   "`snapfs wait` says)")
 def test_export_of_a_broken_snapshot_says_why(tmp_path, disk):
     d = disk(size=4 * MiB, seed=17)
     d.mount()

@@ -22,6 +22,7 @@ start on its clusters in between, and no store can be added or removed.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import threading
@@ -36,6 +37,41 @@ from snapfs.image.base import Image
 log = logging.getLogger("snapfs")
 
 
+#: worker threads copy-before-write may keep busy at once with --cbw-timeout
+#: (threads stuck on a hung target count until it answers; past this, copies
+#: time out at once instead of taking every thread trio has)
+CBW_THREADS = 32
+
+
+class _Read:
+    """The old data read once for several stores' threads."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: OSError | None = None
+
+
+class _Handoff:
+    """Who releases a store's claims: the thread that copies, or, if it is
+    given up before a thread took it, the trio task that gave it up."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state = "waiting"
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "taken"
+        return self._state == "taken"
+
+    def give_up(self) -> bool:
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "given up"
+        return self._state == "given up"
+
+
 class CopyBeforeWrite:
     def __init__(self, source: Image, tracker: ChangeTracker | None = None):
         self.source = source
@@ -43,6 +79,7 @@ class CopyBeforeWrite:
         self.tracker = tracker
         self.stores: list[Store] = []
         self._buffers = threading.local()
+        self._threads = trio.CapacityLimiter(CBW_THREADS)
 
     def add(self, store: Store) -> None:
         """From now on, writes save old data into `store` too."""
@@ -131,17 +168,21 @@ class CopyBeforeWrite:
                 store.clusters_copied_by_writes += stop - first
 
     async def _save_old_data_in_thread(self, needs, started: float) -> None:
-        """The same as `_save_old_data`, in a worker thread, for stores with a
-        timeout: the runs are claimed meanwhile (other writes to them wait),
-        and a store that does not get its copy in time fails by its policy.
-        The thread is left to finish on its own; it releases its claims
-        (marking what it copied) when it does."""
+        """The same as `_save_old_data`, in worker threads, for stores with a
+        timeout: one thread reads the old data, one per store writes it, so
+        that a hung target holds up no other store. The runs are claimed
+        meanwhile (other writes to them wait); a store that does not get its
+        copy by its deadline fails by its policy. Threads are left to finish
+        on their own: each releases its store's claims (marking what it
+        copied) when it is done."""
         claims = [(store, [store.claim(first, stop) for first, stop in runs])
                   for store, runs in needs]
+        low = min(store.byte_span(*runs[0])[0] for store, runs in needs)
+        high = max(store.byte_span(*runs[-1])[1] for store, runs in needs)
+        old = bytearray(high - low)  # not a reused buffer: a thread may outlive this call
+        read = _Read()
         outcome: dict[int, OSError | None] = {}  # id(store): None once copied, or the error
         token = trio.lowlevel.current_trio_token()
-        for store, _ in needs:
-            store.flushing += 1  # not closed while the thread may write it
 
         def settle(store: Store, store_claims, error: OSError | None) -> None:
             outcome[id(store)] = error
@@ -151,37 +192,48 @@ class CopyBeforeWrite:
                 store.clusters_copied_by_writes += sum(c.end - c.first for c in store_claims)
             store.flushing -= 1
 
-        def copy() -> None:
+        def read_old() -> None:
             try:
-                low, old = self._read_old_data(needs)
+                self.source.readinto(low, memoryview(old))
             except OSError as e:
-                low, old, read_error = 0, None, e
-            else:
-                read_error = None
-            for (store, runs), (_, store_claims) in zip(needs, claims):
-                error = read_error
-                if error is None:
-                    try:
-                        self._put_runs(store, runs, low, old, mark=False)
-                    except OSError as e:
-                        error = e
-                try:
-                    trio.from_thread.run_sync(settle, store, store_claims, error,
-                                              trio_token=token)
-                except trio.RunFinishedError:
-                    return
-
-        thread_done = trio.Event()
-
-        async def run_copy() -> None:
-            try:
-                await trio.to_thread.run_sync(copy, abandon_on_cancel=True)
+                read.error = e
             finally:
-                thread_done.set()
+                read.done.set()
 
+        def put(store: Store, runs, store_claims, handoff: _Handoff) -> None:
+            if not handoff.take():
+                return  # given up before this thread started: settled already
+            read.done.wait()
+            error = read.error
+            if error is None:
+                try:
+                    self._put_runs(store, runs, low, memoryview(old), mark=False)
+                except OSError as e:
+                    error = e
+            try:
+                trio.from_thread.run_sync(settle, store, store_claims, error, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+        async def run_put(store: Store, runs, store_claims) -> None:
+            handoff = _Handoff()
+            try:
+                await trio.to_thread.run_sync(put, store, runs, store_claims, handoff,
+                                              abandon_on_cancel=True, limiter=self._threads)
+            except trio.Cancelled:
+                if handoff.give_up():  # no thread took it: release the claims here
+                    settle(store, store_claims, TimeoutError(
+                        errno.ETIMEDOUT, "no thread was free for copy-before-write"))
+                raise
+
+        for store, _ in needs:
+            store.flushing += 1  # not closed while a thread may write it
         failures = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_copy)
+            nursery.start_soon(functools.partial(
+                trio.to_thread.run_sync, read_old, abandon_on_cancel=True))
+            for (store, runs), (_, store_claims) in zip(needs, claims):
+                nursery.start_soon(run_put, store, runs, store_claims)
             for store, store_claims in claims:
                 deadline = (started + store.timeout if store.timeout is not None
                             else float("inf"))
@@ -193,7 +245,7 @@ class CopyBeforeWrite:
                         errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s")))
                 elif outcome[id(store)] is not None:
                     failures.append((store, outcome[id(store)]))
-            nursery.cancel_scope.cancel()  # the thread goes on alone if it must
+            nursery.cancel_scope.cancel()  # the threads go on alone if they must
         self._failed(failures)
 
     async def _wait_for_claim(self, store: Store, claim: Claim, started: float | None) -> None:

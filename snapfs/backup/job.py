@@ -90,6 +90,7 @@ class BackupJob:
         self.bytes_total = sum(self._run_bytes(self._runs[i], self._runs[i + 1])
                                for i in range(0, len(self._runs), 2))
         self._stop = trio.Event()
+        self._again = False  # see _copy_all
         self._pace = trio.Lock()
         self.finished = trio.Event()
         store.on_break.append(lambda why: self._stop.set())
@@ -186,15 +187,36 @@ class BackupJob:
 
     async def _copy_all(self) -> bool:
         """Copy every run with COPY_WORKERS copies in flight; False if stopped
-        before the end."""
-        self._run = 0
-        self._pos = self._runs[0] if self._runs else 0
+        before the end.
+
+        A pass skips clusters that a copy-before-write has claimed (with
+        --cbw-timeout it copies in a worker thread); if that copy then fails,
+        they are still uncopied when the pass ends, so passes go on, after
+        those claims end, until every cluster of the runs is in the target."""
         self._started = trio.current_time()
         self._paid = 0  # bytes of the runs claimed so far, for the speed limit
-        async with trio.open_nursery() as nursery:
-            for _ in range(COPY_WORKERS):
-                nursery.start_soon(self._worker)
-        return self._run * 2 >= len(self._runs)
+        self._again = False  # a later pass: what it skips or copies was counted done
+        while True:
+            self._run = 0
+            self._pos = self._runs[0] if self._runs else 0
+            async with trio.open_nursery() as nursery:
+                for _ in range(COPY_WORKERS):
+                    nursery.start_soon(self._worker)
+            if self._run * 2 < len(self._runs):
+                return False  # stopped
+            if not self._uncopied_left():
+                return True
+            while self.store.claims and not self._stop.is_set():
+                with trio.move_on_after(0.1):
+                    await self.store.claims[0].done.wait()
+            if self._stop.is_set():
+                return False
+            self._again = True
+
+    def _uncopied_left(self) -> bool:
+        runs, copymap = self._runs, self.store.copymap
+        return any(copymap.next_uncopied(runs[i], runs[i + 1]) < runs[i + 1]
+                   for i in range(0, len(runs), 2))
 
     def _next_chunk(self, move: bool = True) -> tuple[int, int] | None:
         """Claimable clusters at the job's position, which moves past them
@@ -214,7 +236,8 @@ class BackupJob:
                 pos = runs[run * 2]
         if move:
             self._run, self._pos = run, pos
-            self.bytes_done += skipped
+            if not self._again:
+                self.bytes_done += skipped
         return found
 
     async def _worker(self) -> None:
@@ -239,7 +262,8 @@ class BackupJob:
                 if self._probing:
                     self._decide(copied and cloned)
             done = self._run_bytes(claim.first, claim.end)
-            self.bytes_done += done
+            if not self._again:
+                self.bytes_done += done
             self.bytes_copied += done
             if cloned:
                 self.bytes_cloned += done

@@ -48,6 +48,8 @@ class Export:
         if nbdkit is None:
             raise UserError("nbdkit is not installed (Debian: nbdkit nbdkit-plugin-python)")
         store, source = snapshot.store, snapshot.source
+        if store.broken is not None:
+            raise UserError(f"the snapshot is broken: {store.broken}")
         pidfile = os.path.join(run_dir, f"nbdkit-{secrets.token_hex(4)}.pid")
         if "socket" in self.where:
             listen = ["--unix", self.where["socket"]]

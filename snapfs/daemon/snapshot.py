@@ -264,7 +264,7 @@ class Snapshot:
             "name": self.name, "mountpoint": req.snapshot, "instance": self.instance,
             "source_path": self.source.path, "format": self.source_format,
             "target_format": self.target_format, "times": _stat_to(self.times),
-            "on_file": req.on_file,
+            "on_file": req.on_file, "on_cbw_error": req.on_cbw_error,
         }
         try:
             self.process = await spawner.spawn(

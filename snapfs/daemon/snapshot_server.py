@@ -44,9 +44,6 @@ def _inherited(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-#: how often the snapshot process looks whether its snapshot broke
-BROKEN_POLL_SECONDS = 0.2
-
 #: the order of the descriptors the live process hands over
 FDS = ("source", "target", "copymap", "ready", "lifeline")
 
@@ -76,7 +73,8 @@ async def _serve(config: dict, lifeline: int, readiness: Readiness,
                  reader: SnapshotReader) -> None:
     point = config["mountpoint"]
     ops = SnapshotOperations(config["name"], reader, times_from(config["times"]),
-                             root_is_file=config["on_file"])
+                             root_is_file=config["on_file"],
+                             uncached=config.get("on_cbw_error") == "break-snapshot")
     try:
         pyfuse3.init(ops, point, mount_options(config["instance"]))
     except RuntimeError:
@@ -86,7 +84,6 @@ async def _serve(config: dict, lifeline: int, readiness: Readiness,
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(_terminate_when_live_process_ends, lifeline)
             nursery.start_soon(_raise_readahead, point)
-            nursery.start_soon(_drop_cache_when_broken, ops, reader.copymap)
             readiness.ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
@@ -108,20 +105,6 @@ async def _raise_readahead(mountpoint: str) -> None:
             f.write(str(SNAPSHOT_READAHEAD_KB))
     except OSError as e:
         log.info("snapshot readahead left at the default: %s", e)
-
-
-async def _drop_cache_when_broken(ops: SnapshotOperations, copymap) -> None:
-    """Once the snapshot breaks, pages of it the kernel keeps (keep_cache)
-    must not be served either: drop them, so that every read reaches
-    `SnapshotReader.read` and fails. (From a worker thread: the kernel may
-    wait on our own main loop for pages being read meanwhile.)"""
-    while not copymap.broken:
-        await trio.sleep(BROKEN_POLL_SECONDS)
-    log.error("the snapshot is broken: every read of it fails from now on")
-    try:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ops.file_inode, False)
-    except OSError as e:
-        log.warning("could not drop the snapshot's cached pages: %s", e)
 
 
 async def _terminate_when_live_process_ends(lifeline: int) -> None:
