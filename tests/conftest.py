@@ -215,6 +215,27 @@ def public_tmp(tmp_path):
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+def pwrite_errno(path, data: bytes, offset: int) -> int | None:
+    """The errno a guest's pwrite to `path` fails with, or None."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+    return None
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    """A faultfs directory (tests/faults.py). Ask for it before `mount`, so
+    that it is torn down after: the snapfs instance is gone before its disk."""
+    from faults import faulty_dir
+    with faulty_dir(tmp_path) as fs:
+        yield fs
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_mounts(tmp_path):
     """Fail a test that leaves a FUSE mount under its directory, and clean up."""

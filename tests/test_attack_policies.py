@@ -12,7 +12,6 @@ its regression test."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -22,9 +21,8 @@ import time
 
 import pytest
 
-from conftest import (alive, is_mounted, need, random_bytes, run_snapfs, tmpfs, wait_until,
-                      write_image)
-from faults import faulty_dir
+from conftest import (alive, is_mounted, need, pwrite_errno, random_bytes, run_snapfs, tmpfs,
+                      wait_until, write_image)
 from test_snapshots_on_demand import MiB, disk, status  # noqa: F401 (disk: a fixture)
 
 KiB = 1 << 10
@@ -32,18 +30,6 @@ CLUSTER = 64 * KiB
 
 
 # --- helpers ----------------------------------------------------------------
-
-def pwrite_errno(path, data: bytes, offset: int) -> int | None:
-    """The errno a guest's pwrite to LIVE fails with, or None."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    except OSError as e:
-        return e.errno
-    finally:
-        os.close(fd)
-    return None
-
 
 class Background:
     """Run `call` in a thread; `result(timeout)` is ("done", value),
@@ -73,12 +59,6 @@ def read_errno(path, length=MiB, offset=0) -> int | None:
     except OSError as e:
         return e.errno
     return None
-
-
-@pytest.fixture
-def faulty(tmp_path):
-    with faulty_dir(tmp_path) as fs:
-        yield fs
 
 
 @pytest.fixture

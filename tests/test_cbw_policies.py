@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import alive, is_mounted, random_bytes, run_snapfs, tmpfs, wait_until, write_image
-from faults import faulty_dir
+from conftest import (alive, is_mounted, pwrite_errno, random_bytes, run_snapfs, tmpfs, wait_until,
+                      write_image)
 from test_snapshots_on_demand import MiB, disk, status  # noqa: F401 (disk: a fixture)
 
 
@@ -133,32 +133,13 @@ def test_a_broken_snapshot_stays_broken_after_the_daemon_dies(tmp_path, disk):
 
 # --- with TARGET on faultfs: EIO, a hung target, a failing fsync ---------------
 
-def _live_pwrite(path, data: bytes, offset: int) -> int | None:
-    """The errno a guest's pwrite to LIVE fails with, or None."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    except OSError as e:
-        return e.errno
-    finally:
-        os.close(fd)
-    return None
-
-
-@pytest.fixture
-def faulty(tmp_path):
-    """Before `mount` (ask for it first), so that snapfs stops before its disk."""
-    with faulty_dir(tmp_path) as fs:
-        yield fs
-
-
 def test_break_snapshot_on_target_eio(faulty, mount, tmp_path):
     source = write_image(tmp_path / "disk.img", random_bytes(4 * MiB, seed=7))
     before = source.read_bytes()
     inst = mount(source, sync="none", target=faulty.path / "t.img",
                  extra=["--on-cbw-error", "break-snapshot"])
     faulty.fail("write", errno.EIO, name="t.img")
-    assert _live_pwrite(inst.live, b"after" * 1000, MiB) is None
+    assert pwrite_errno(inst.live, b"after" * 1000, MiB) is None
     assert source.read_bytes()[MiB:MiB + 5000] == b"after" * 1000
     info = inst.status()
     assert info["broken"] and "Input/output" in info["broken"] and info["state"] == "failed"
@@ -166,7 +147,7 @@ def test_break_snapshot_on_target_eio(faulty, mount, tmp_path):
         inst.snapshot.read_bytes()
     assert raised.value.errno == errno.EIO
     faulty.clear()
-    assert _live_pwrite(inst.live, b"more", 2 * MiB) is None  # the live disk goes on
+    assert pwrite_errno(inst.live, b"more", 2 * MiB) is None  # the live disk goes on
     assert source.read_bytes()[:MiB] == before[:MiB]
     inst.umount()
 
@@ -182,7 +163,7 @@ def test_timeout_on_a_hung_target(faulty, mount, tmp_path, policy):
                  extra=["--on-cbw-error", policy, "--cbw-timeout", "1"])
     faulty.hang("write", name="t.img")
     started = time.monotonic()
-    result = _live_pwrite(inst.live, b"late" * 1024, MiB)
+    result = pwrite_errno(inst.live, b"late" * 1024, MiB)
     took = time.monotonic() - started
     assert took < 10, f"the write took {took:.1f} s with a 1 s timeout"
     assert os.stat(inst.live).st_size == 4 * MiB  # the live disk answers meanwhile
@@ -196,7 +177,7 @@ def test_timeout_on_a_hung_target(faulty, mount, tmp_path, policy):
         assert "more than 1 s" in inst.status()["broken"]
     faulty.clear()  # the target answers again: the abandoned copy ends
     if policy == "break-guest-write":
-        assert wait_until(lambda: _live_pwrite(inst.live, b"again", MiB) is None)
+        assert wait_until(lambda: pwrite_errno(inst.live, b"again", MiB) is None)
         assert inst.snapshot.read_bytes() == before, "the snapshot changed"
     inst.umount()
 
@@ -205,7 +186,7 @@ def test_break_snapshot_on_target_fsync_eio(faulty, mount, tmp_path):
     source = write_image(tmp_path / "disk.img", random_bytes(4 * MiB, seed=9))
     inst = mount(source, sync="none", target=faulty.path / "t.img",
                  extra=["--on-cbw-error", "break-snapshot"])
-    assert _live_pwrite(inst.live, b"x" * 4096, 0) is None
+    assert pwrite_errno(inst.live, b"x" * 4096, 0) is None
     faulty.fail("fsync", errno.EIO, name="t.img")
     fd = os.open(inst.live, os.O_WRONLY)
     try:

@@ -16,7 +16,6 @@ import os
 import pytest
 
 from conftest import fill, random_bytes, tmpfs, write_image
-from faults import faulty_dir
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -26,14 +25,6 @@ CLUSTER = 64 * KiB
 LATE = 3 * MiB + 5 * KiB
 #: slow enough that a FULL job stays below LATE for the whole test
 SLOW = "256K"
-
-
-@pytest.fixture
-def faulty(tmp_path):
-    """Set up before `mount` (ask for it first), so torn down after it: the
-    snapfs instance is gone before its disk is."""
-    with faulty_dir(tmp_path) as fs:
-        yield fs
 
 
 def pread(path, length: int, offset: int) -> bytes:
