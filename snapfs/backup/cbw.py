@@ -38,8 +38,9 @@ log = logging.getLogger("snapfs")
 
 
 #: worker threads copy-before-write may keep busy at once with --cbw-timeout
-#: (threads stuck on a hung target count until it answers; past this, copies
-#: time out at once instead of taking every thread trio has)
+#: (threads stuck on a hung target count until it answers; past this, a copy
+#: waits for a free one within its deadline, rather than take every thread
+#: that change tracking and the jobs need too)
 CBW_THREADS = 32
 
 
