@@ -47,9 +47,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fnmatch
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -60,6 +58,8 @@ import sys
 
 import pyfuse3
 import trio
+
+from snapfs.fuse.boundary import ErrorBoundary
 
 log = logging.getLogger("faultfs")
 
@@ -77,25 +77,6 @@ def control_address(mountpoint) -> str:
     """The abstract socket name faultfs listens on for a mount point."""
     real = os.path.realpath(os.fsencode(mountpoint))
     return "\0faultfs/" + hashlib.sha256(real).hexdigest()[:24]
-
-
-def _boundary(handler):
-    """The one error boundary: only FUSEError may leave a pyfuse3 handler
-    (anything else would end pyfuse3.main and leave a dead mount)."""
-
-    @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
 
 
 class Rule:
@@ -168,7 +149,10 @@ class Handle:
         self.inode, self.path = inode, path
 
 
-class FaultOperations(pyfuse3.Operations):
+class FaultOperations(ErrorBoundary):
+    """Every handler is wrapped in snapfs's own error boundary: only FUSEError
+    leaves it (anything else would leave a dead mount)."""
+
     enable_writeback_cache = False
 
     def __init__(self, root: str):
@@ -483,12 +467,6 @@ class FaultOperations(pyfuse3.Operations):
     @property
     def _root_stat(self) -> os.stat_result:
         return os.stat(self.root)
-
-
-HANDLERS = [name for name, member in vars(FaultOperations).items()
-            if inspect.iscoroutinefunction(member) and name in vars(pyfuse3.Operations)]
-for _name in HANDLERS:
-    setattr(FaultOperations, _name, _boundary(getattr(FaultOperations, _name)))
 
 
 # --- the control socket ----------------------------------------------------
