@@ -52,6 +52,12 @@ ROWS = [
     "Change tracking on, overwrite 4 KiB random",
     "Change tracking on, first write since the backup, sequential",
     "Change tracking on, first write since the backup, 4 KiB random",
+    "Queue depth 1, snapshot 4 KiB random read",
+    "Queue depth 16, snapshot 4 KiB random read",
+    "Queue depth 1, live disk 4 KiB random overwrite",
+    "Queue depth 16, live disk 4 KiB random overwrite",
+    "Queue depth 1, live disk 4 KiB random first write",
+    "Queue depth 16, live disk 4 KiB random first write",
 ]
 
 
@@ -183,7 +189,10 @@ def test_report_rows_from_samples(benchlib):
                               ("untrk_rand_over", 10000, 20000), ("trk_rand_over", 9000, 20000),
                               ("untrk_seq_first", 1000, 800), ("trk_seq_first", 800, 800),
                               ("untrk_rand_first", 20000, 30000),
-                              ("trk_rand_first", 2000, 30000)]:
+                              ("trk_rand_first", 2000, 30000),
+                              ("depth_read_1", 11000, 12000), ("depth_read_16", 12000, 30000),
+                              ("depth_over_1", 15000, 14000), ("depth_over_16", 20000, 25000),
+                              ("depth_first_1", 5000, 5000), ("depth_first_16", 6000, 5000)]:
         results.add(key, "snapfs", snapfs)
         results.add(key, "qemu", qemu)
     results.add("full_mount", "snapfs", 0.1)

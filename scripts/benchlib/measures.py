@@ -26,7 +26,9 @@ from benchlib.workloads import (CLUSTER, compare, copy_file, dd_read_cold, dd_wr
                                 fio, replay_log)
 
 #: the measure groups, in the order they run in every repetition
-GROUPS = ("write", "multi", "copy", "top", "reflink", "memory", "take", "tracking")
+GROUPS = ("write", "multi", "copy", "top", "reflink", "memory", "take", "tracking", "depth")
+#: the queue depths of the "depth" group (fio libaio O_DIRECT)
+DEPTHS = (1, 16)
 #: the writes of the "tracking" group: sample keys TRACKED_key and UNTRACKED_key
 TRACKING_WRITES = ("seq_first", "seq_over", "rand_first", "rand_over")
 TRACKED, UNTRACKED = "trk", "untrk"
@@ -477,6 +479,65 @@ class Measures:
         finally:
             remove(disk, target)
         return figures
+
+    def group_depth(self, system: str, rep: int) -> None:
+        """4 KiB random I/O at queue depth 1 and 16 (fio libaio O_DIRECT), on a
+        live disk and its snapshot (sync none) of a fresh copy of the image:
+        cold random reads of the snapshot before any write (every read goes to
+        the source), then random overwrites of the first half (copied first by
+        a dd that is not timed), then first writes (copy-before-write), one
+        4 KiB block at a random offset of every cluster of the third quarter
+        (depth 1) or of the fourth quarter (depth 16), in random order (an fio
+        replay log). Keys depth_read_N, depth_over_N, depth_first_N. The plain
+        file, in the snapfs turn: the same reads of the source image and the
+        same overwrites of a plain copy of it (REFERENCE)."""
+        size, half = self.config.size, self.config.half
+        quarter = size // 4
+        disk = self.img("disk.img")
+        copy_file(self.img("base.img"), disk)
+        iolog = os.path.join(self.workdir, "first-write.iolog")
+
+        def reads(path: str, who: str) -> None:
+            for depth in DEPTHS:
+                PageCache.drop()
+                self.results.add(f"depth_read_{depth}", who, fio(
+                    [f"--filename={path}", "--readonly", "--rw=randread", "--bs=4k",
+                     f"--size={size}", f"--number_ios={self.config.rand_read_ios}",
+                     f"--randseed={rep + 1}"], "read", depth))
+
+        def overwrites(path: str, who: str) -> None:
+            for depth in DEPTHS:
+                self.results.add(f"depth_over_{depth}", who, fio(
+                    [f"--filename={path}", "--rw=randwrite", "--bs=4k", "--offset=0",
+                     f"--size={half}", f"--number_ios={self.config.rand_over_ios}",
+                     f"--randseed={rep + 1}", "--end_fsync=1"], "write", depth))
+
+        PageCache.drop()
+        with self.live_disk(system, disk, "depth") as instance:
+            live, snap = instance.live, instance.snapshot
+            reads(snap, system)
+            dd_write(self.img("input.bin"), live, half)  # the first half: copied
+            overwrites(live, system)
+            for i, depth in enumerate(DEPTHS):
+                first = (half + i * quarter) // CLUSTER
+                clusters = list(range(first, first + quarter // CLUSTER))
+                random.Random(3000 + 10 * rep + depth).shuffle(clusters)
+                replay_log(iolog, live, clusters, seed=10 * rep + depth)
+                self.results.add(f"depth_first_{depth}", system, fio(
+                    [f"--read_iolog={iolog}", "--replay_no_stall=1", "--end_fsync=1"],
+                    "write", depth))
+            if system == "snapfs":
+                info = instance.snapshot_status()
+                self.results.add_extra("depth_clusters_copied", system,
+                                       info["clusters_copied_by_writes"])
+        remove(disk, self.img("snapfs-depth.img"), self.img("snapfs-depth.img.snapfs"),
+               self.img("qemu-depth.qcow2"))
+        if system == "snapfs":  # the plain file
+            reads(self.img("base.img"), REFERENCE)
+            copy_file(self.img("base.img"), disk)
+            PageCache.drop()
+            overwrites(disk, REFERENCE)
+            remove(disk)
 
     def _tracking_writes(self, live: str, system: str, tracked: bool, rep: int,
                          pair: int) -> tuple[dict[str, float], int]:

@@ -171,6 +171,24 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
         row(f"Change tracking on, {label}: tracked ÷ untracked", None, "x", True,
             "snapfs ≥ 0.95 (within 5%)", lambda s, q, r: s >= 0.95, better="better",
             worse="worse", values=(tracked(key, "snapfs"), tracked(key, "qemu")))
+
+    def plain(key):  # the plain file's figure, in the label
+        value = m(key, REFERENCE)
+        return f"; plain file {fmt(value, 'IOPS')}" if value else ""
+
+    for depth, target_text, target_ok in (
+            (1, "≥ 0.9x QEMU", lambda s, q, r: r >= 0.9),
+            (16, "≥ 1.5x QEMU", lambda s, q, r: r >= 1.5)):
+        row(f"Queue depth {depth}, snapshot 4 KiB random read, cold (fio libaio O_DIRECT"
+            f"{plain(f'depth_read_{depth}')})", f"depth_read_{depth}", "IOPS", True,
+            target_text, target_ok)
+    for key, what in (("over", "overwrite"), ("first", "first write, copy-before-write")):
+        for depth in (1, 16):
+            row(f"Queue depth {depth}, live disk 4 KiB random {what} (fio libaio O_DIRECT"
+                f"{plain(f'depth_{key}_{depth}') if key == 'over' else ''})",
+                f"depth_{key}_{depth}", "IOPS", True,
+                *(("(information)", None) if depth == 1 else
+                  ("≥ 1.2x QEMU", lambda s, q, r: r >= 1.2)))
     return rows
 
 
@@ -217,6 +235,11 @@ LABELS = {
                                 ("rand_over", "overwrite 4 KiB random", "IOPS"))},
     **{f"seq_first_{n}": (f"first-write sequential, {n} snapshot{'s' if n > 1 else ''}", "MB/s")
        for n in BenchConfig.snapshot_counts},
+    **{f"depth_{key}_{depth}": (f"queue depth {depth}: {what} (fio libaio O_DIRECT)", "IOPS")
+       for key, what in (("read", "snapshot 4 KiB random read, cold"),
+                         ("over", "live disk 4 KiB random overwrite"),
+                         ("first", "live disk 4 KiB random first write"))
+       for depth in (1, 16)},
 }
 
 #: Results.extra key -> (what it is, unit)
@@ -234,6 +257,8 @@ EXTRA_LABELS = {
                           ("seq_over", "overwrite sequential"),
                           ("rand_first", "first write 4 KiB random"),
                           ("rand_over", "overwrite 4 KiB random"))},
+    "depth_clusters_copied": ("queue depth rows: clusters copied before a write (snapfs "
+                              "status)", ""),
 }
 
 
@@ -397,10 +422,11 @@ image and 3 repetitions on 2 cores). Options: `--size 1G`,
 `--repeat 3`, `--workdir /var/tmp/snapfs-bench` (must not be tmpfs; keep it on
 the disk you care about), `--output docs/benchmarks.md`, `--quick` (64 MiB, one
 repetition: a smoke test, its figures mean nothing), `--groups
-write,multi,copy,top,reflink,memory,take,tracking` to run part of it (`multi`:
-the rows with several snapshots; `reflink`: the FULL copy on a loop-mounted
-XFS with reflink=1; `take`: the snapshot of a mounted live disk; `tracking`:
-the change tracking rows), `--note TEXT` to add a remark to the notes (what
+write,multi,copy,top,reflink,memory,take,tracking,depth` to run part of it
+(`multi`: the rows with several snapshots; `reflink`: the FULL copy on a
+loop-mounted XFS with reflink=1; `take`: the snapshot of a mounted live disk;
+`tracking`: the change tracking rows; `depth`: the queue depth 1 and 16
+rows), `--note TEXT` to add a remark to the notes (what
 else ran on the machine, say).
 
 ## How to read it
@@ -460,6 +486,14 @@ else ran on the machine, say).
   and the ratio of each pair is listed under "All samples". snapfs' check
   compares the bytes `snapfs status` reports changed with the clusters
   written.
+- The "Queue depth" rows use `fio --ioengine=libaio --direct=1 --iodepth=1|16`
+  (4 KiB), on a live disk and its snapshot (sync none) of a fresh copy of the
+  image: cold random reads of the snapshot before any write (so every read
+  goes to the source), random overwrites of the first half (copied first by
+  an untimed `dd`), then first writes: one 4 KiB block in every cluster of the
+  third quarter (depth 1) or the fourth (depth 16), in random order (an fio
+  replay log). The plain file's figure (the same reads of the source image,
+  the same overwrites of a plain copy) is in the label.
 - The "Target" column holds the goals set for snapfs; "Met" says whether the
   median reaches them.
 """

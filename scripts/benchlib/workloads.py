@@ -34,9 +34,12 @@ def copy_file(source: str, dest: str) -> None:
     run(["cp", "--sparse=always", source, dest])
 
 
-def fio(args: list[str], rw: str) -> float:
-    """Runs fio (psync), returns the IOPS of `rw` ("read" or "write")."""
-    out = run(["fio", "--name=bench", "--ioengine=psync", "--fallocate=none",
+def fio(args: list[str], rw: str, depth: int | None = None) -> float:
+    """Runs fio, returns the IOPS of `rw` ("read" or "write"): psync, or with
+    `depth` libaio O_DIRECT with that many requests in flight."""
+    engine = (["--ioengine=psync"] if depth is None else
+              ["--ioengine=libaio", "--direct=1", f"--iodepth={depth}"])
+    out = run(["fio", "--name=bench", *engine, "--fallocate=none",
                "--allow_file_create=0", "--output-format=json", *args], timeout=3600).stdout
     data = json.loads(out[out.index("{"):])
     job = data["jobs"][0]
