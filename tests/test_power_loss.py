@@ -104,7 +104,10 @@ class Recorder:
             if bitmap._fd < 0:
                 continue
             path, mm, base = bitmap.path, bitmap._mm, bitmap._base
-            now = mm[:]
+            try:
+                now = mm[:]
+            except ValueError:  # closed meanwhile (a release in the trio thread, while a
+                continue        # flush scans from a worker): its flush before the close saw it
             old = self.shadow.get(path)
             if old is None:
                 self.know(path, bytes(len(now)))
