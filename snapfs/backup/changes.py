@@ -60,6 +60,7 @@ import trio
 from typing import Callable
 
 from snapfs.backup.bitmap import ClusterBitmap
+from snapfs.durable import fsync_dir, replace_json
 
 #: bytes per bit of change tracking
 GRANULARITY = 64 << 10
@@ -242,16 +243,7 @@ class ChangeTracker:
                  "counts": [s.count() for s in self.segments],
                  "spare": os.path.basename(self.spare.path) if self.spare else None,
                  "invalid": self.invalid, "seen": self._record(), "clean": clean}
-        path = os.path.join(self.dir, INDEX)
-        temporary = path + ".new"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        _fsync_dir(self.dir)
+        replace_json(os.path.join(self.dir, INDEX), index)
 
     def make_spare(self) -> None:
         """Make the segment file the next boundary will use (in a worker thread)."""
@@ -261,7 +253,7 @@ class ChangeTracker:
             self.spare = ChangeMap.create(os.path.join(self.dir, name), self.size, GRANULARITY,
                                           {"name": name})
             self.spare.flush()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def close(self) -> None:
         for bitmap in [*self.segments, *self._retired, self.spare]:
@@ -524,10 +516,3 @@ def _remove_path(path: str) -> None:
         except FileNotFoundError:
             pass
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

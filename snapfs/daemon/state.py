@@ -19,6 +19,7 @@ import shutil
 import stat
 import threading
 
+from snapfs.durable import replace_json
 from snapfs.protocol import state_dir
 
 STATE_FILE = "state.json"
@@ -109,19 +110,7 @@ class LiveState:
 
     def _save(self, state: dict) -> None:
         self.make_dir()
-        temporary = self.file + ".new"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.file)
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        replace_json(self.file, state)
 
     def remove(self, keep: tuple[str, ...] = ()) -> None:
         """After a clean stop: nothing stays behind but what `keep` names
