@@ -235,10 +235,11 @@ class CopyBeforeWrite:
                 trio.to_thread.run_sync, read_old, abandon_on_cancel=True))
             for (store, runs), (_, store_claims) in zip(needs, claims):
                 nursery.start_soon(run_put, store, runs, store_claims)
-            for store, store_claims in claims:
-                deadline = (started + store.timeout if store.timeout is not None
-                            else float("inf"))
-                with trio.move_on_at(deadline):
+            def deadline(store: Store) -> float:
+                return started + store.timeout if store.timeout is not None else float("inf")
+
+            for store, store_claims in sorted(claims, key=lambda pair: deadline(pair[0])):
+                with trio.move_on_at(deadline(store)):
                     for claim in store_claims:
                         await claim.done.wait()
                 if id(store) not in outcome:
