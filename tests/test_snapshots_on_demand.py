@@ -350,3 +350,60 @@ def test_snapshots_come_back_after_the_daemon_dies(tmp_path, disk, problem):
     d.umount()
     # the FULL completed, unless it could not be brought back
     assert_nothing_left_beside(d.source, tracking=problem != "machine restarted")
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group `pgid`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry))
+    return found
+
+
+def test_a_snapshot_is_served_by_several_processes_that_end_with_it(tmp_path, disk):
+    """SNAPSHOT_SERVERS processes read the snapshot's FUSE requests, in the
+    snapshot process's group; reads at depth are exact; a release, and a
+    kill -9 of the snapshot process, leave none of them behind."""
+    from snapfs.daemon.snapshot_server import SNAPSHOT_SERVERS
+    d = disk(size=16 * MiB)
+    d.mount()
+    before = d.source.read_bytes()
+    point = d.snapshot("snap", "--sync", "none")
+    pid = status(point)["pid"]
+    assert len(_group(pid)) == SNAPSHOT_SERVERS + 1
+    write_at(d.live, 0, b"n" * (16 * MiB))  # every cluster copied before the write
+
+    def reader(results: list, seed: int):
+        rng = random.Random(seed)
+        fd = os.open(point / "disk.img", os.O_RDONLY)
+        try:
+            for _ in range(300):
+                offset = rng.randrange(16 * MiB - 4096)
+                results.append(os.pread(fd, 4096, offset) == before[offset:offset + 4096])
+        finally:
+            os.close(fd)
+
+    results: list[bool] = []
+    threads = [threading.Thread(target=reader, args=(results, seed)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2400 and all(results), "a read at depth was not the snapshot's"
+    run_snapfs("release", point)
+    assert wait_until(lambda: not _group(pid)), "servers left after release"
+
+    point = d.snapshot("again", "--sync", "none")
+    pid = status(point)["pid"]
+    servers = set(_group(pid)) - {pid}
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(alive(p) for p in servers)), "servers outlived their parent"
+    assert wait_until(lambda: not is_mounted(point))
+    assert d.live.read_bytes()[:MiB] == b"n" * MiB  # the live disk goes on
+    d.umount()

@@ -384,6 +384,7 @@ class Snapshot:
         if not self._started:
             if self.process is not None:
                 await self.kill()
+                await self.process.wait_group()
             if self.store is not None and self.store in engine.stores:
                 engine.remove(self.store)
             self.discard()
@@ -392,6 +393,7 @@ class Snapshot:
             return
         job, store = self.job, self.store
         await self.stop_exports()  # before copy-before-write for it stops
+        await self.process.wait_group()  # no server of the snapshot is left
         job.stop()
         await job.finished.wait()
         if store in engine.stores:  # (a broken one is out already)

@@ -13,9 +13,12 @@ lifeline pipe closes), detaching its mount.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
+import time
 
 import pyfuse3
 import trio
@@ -33,6 +36,11 @@ log = logging.getLogger("snapfs")
 
 #: the kernel's readahead on the snapshot file
 SNAPSHOT_READAHEAD_KB = 4096
+#: processes that serve one snapshot's requests (docs/performance.md, "Queue depth")
+SNAPSHOT_SERVERS = 4
+#: how long the servers may take to stop after SIGTERM
+STOP_SECONDS = 10
+PR_SET_PDEATHSIG = 1
 
 
 def mount_options(instance: str) -> set[str]:
@@ -48,29 +56,23 @@ def _inherited(fd: int) -> str:
 FDS = ("source", "target", "copymap", "ready", "lifeline")
 
 
-async def serve(config: dict, fds: dict, readiness: Readiness) -> None:
-    source = open_image(_inherited(fds["source"]), config["format"],
-                        backing_dir=os.path.dirname(config["source_path"]))
-    try:
-        target = open_image(_inherited(fds["target"]), config["target_format"],
-                            with_backing=False)
-        try:
-            copymap = CopyMap.open(_inherited(fds["copymap"]), follow=True)
-            try:
-                for name in ("source", "target", "copymap"):
-                    os.close(fds[name])  # reopened above
-                await _serve(config, fds["lifeline"], readiness,
-                             SnapshotReader(source, target, copymap))
-            finally:
-                copymap.close()
-        finally:
-            target.close()
-    finally:
-        source.close()
+def _open_files(config: dict, fds: dict, files: contextlib.ExitStack) -> SnapshotReader:
+    source = files.enter_context(contextlib.closing(open_image(
+        _inherited(fds["source"]), config["format"],
+        backing_dir=os.path.dirname(config["source_path"]))))
+    target = files.enter_context(contextlib.closing(open_image(
+        _inherited(fds["target"]), config["target_format"], with_backing=False)))
+    copymap = files.enter_context(contextlib.closing(
+        CopyMap.open(_inherited(fds["copymap"]), follow=True)))
+    for name in ("source", "target", "copymap"):
+        os.close(fds[name])  # reopened above
+    return SnapshotReader(source, target, copymap)
 
 
-async def _serve(config: dict, lifeline: int, readiness: Readiness,
-                 reader: SnapshotReader) -> None:
+async def _mount(config: dict, fds: dict, files: contextlib.ExitStack) -> None:
+    """Open the files, mount, and serve until the kernel's INIT is handled
+    (the mount answers a stat): only then may servers be forked."""
+    reader = _open_files(config, fds, files)
     point = config["mountpoint"]
     ops = SnapshotOperations(config["name"], reader, times_from(config["times"]),
                              root_is_file=config["on_file"],
@@ -79,42 +81,76 @@ async def _serve(config: dict, lifeline: int, readiness: Readiness,
         pyfuse3.init(ops, point, mount_options(config["instance"]))
     except RuntimeError:
         raise UserError(f"cannot mount the snapshot on {point}") from None
+    files.callback(pyfuse3.close, unmount=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main)
+        # a stat from a worker thread, served by our own loop once INIT is handled
+        device = (await trio.to_thread.run_sync(os.stat, point)).st_dev
+        nursery.cancel_scope.cancel()  # (not terminate: the servers go on with the session)
+    _raise_readahead(device)
+
+
+async def _supervise(servers: list[int], lifeline: int, readiness: Readiness) -> None:
+    """The first process serves no request: it reports ready, then waits
+    until a server ends (the mount went away), SIGTERM, or the end of the
+    live process."""
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+        for pid in servers:
+            nursery.start_soon(_wait_process, pid, done)
+        nursery.start_soon(_wait_signal, done)
+        nursery.start_soon(_wait_lifeline, lifeline, done)
+        readiness.ready()
+        await done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _wait_process(pid: int, done: trio.Event) -> None:
+    fd = os.pidfd_open(pid)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_terminate_on_signal)
-            nursery.start_soon(_terminate_when_live_process_ends, lifeline)
-            nursery.start_soon(_raise_readahead, point)
-            readiness.ready()
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
+        await trio.lowlevel.wait_readable(fd)
     finally:
-        pyfuse3.close(unmount=True)
+        os.close(fd)
+    done.set()
 
 
-async def _raise_readahead(mountpoint: str) -> None:
-    """Let the kernel read ahead SNAPSHOT_READAHEAD_KB on the snapshot file
-    (FUSE's default is 128 KiB): a sequential read then reaches us in 1 MiB
-    requests, several in flight, instead of 128 KiB ones. The kernel sets the
-    default while it handles FUSE's INIT, so this waits until the mount
-    answers (a stat from a worker thread, served by our own main loop). Needs
-    root; without it the default stays."""
-    try:
-        device = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
-        with open(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb",
-                  "w") as f:
-            f.write(str(SNAPSHOT_READAHEAD_KB))
-    except OSError as e:
-        log.info("snapshot readahead left at the default: %s", e)
+async def _wait_signal(done: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            done.set()
+            return
 
 
-async def _terminate_when_live_process_ends(lifeline: int) -> None:
+async def _wait_lifeline(lifeline: int, done: trio.Event) -> None:
     """The live process holds the lifeline pipe open while it lives. (Not
     PR_SET_PDEATHSIG: that fires when the *thread* that started us ends.)"""
     stream = trio.lowlevel.FdStream(lifeline)
     while await stream.receive_some():
         pass
     log.warning("the live process is gone: stopping")
-    pyfuse3.terminate()
+    done.set()
+
+
+async def _serve_requests() -> None:
+    """What each server runs: requests, until the mount goes away or SIGTERM."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _raise_readahead(device: int) -> None:
+    """Let the kernel read ahead SNAPSHOT_READAHEAD_KB on the snapshot file
+    (FUSE's default is 128 KiB): a sequential read then reaches us in 1 MiB
+    requests, several in flight, instead of 128 KiB ones. The kernel sets the
+    default while it handles FUSE's INIT, so this runs after it. Needs root;
+    without it the default stays."""
+    try:
+        with open(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb",
+                  "w") as f:
+            f.write(str(SNAPSHOT_READAHEAD_KB))
+    except OSError as e:
+        log.info("snapshot readahead left at the default: %s", e)
 
 
 async def _terminate_on_signal() -> None:
@@ -126,7 +162,79 @@ async def _terminate_on_signal() -> None:
 
 def run(config: dict) -> int:
     """Serve the snapshot `config` describes until its mount goes away; the
-    exit code. `config["fds"]` holds the descriptors named in FDS."""
+    exit code. `config["fds"]` holds the descriptors named in FDS.
+
+    SNAPSHOT_SERVERS processes serve the mount, each reading requests from
+    the same FUSE connection (the kernel hands each request to one of them):
+    a snapshot is read-only and keeps no state per request, so any of them
+    may answer any request. They are forked here, outside trio, once the
+    kernel's INIT is handled (a process whose copy of the session has not
+    seen INIT answers every request with EIO). This process then serves no
+    request itself (a reader of the FUSE device may wait in read() while
+    another took the request, and would miss the end of the live process):
+    it supervises. The servers form its process group, die with it
+    (PR_SET_PDEATHSIG), and it waits for them before it exits; the live
+    process also makes sure the whole group is gone before it takes the
+    snapshot out of copy-before-write."""
     fds = dict(zip(FDS, config["fds"]))
     readiness = Readiness(fds["ready"])
-    return run_logged(lambda: serve(config, fds, readiness), readiness, "snapshot")
+    os.setpgid(0, 0)
+    with contextlib.ExitStack() as files:
+        code = run_logged(lambda: _mount(config, fds, files), readiness, "snapshot")
+        if code != 0:
+            return code
+        servers = []
+        try:
+            for _ in range(SNAPSHOT_SERVERS):
+                pid = os.fork()
+                if pid == 0:
+                    _run_server()  # does not return
+                servers.append(pid)
+            return run_logged(lambda: _supervise(servers, fds["lifeline"], readiness),
+                              readiness, "snapshot")
+        finally:
+            _stop_servers(servers)
+
+
+def _run_server() -> None:
+    """In a forked server: serve, then exit (never return to the caller)."""
+    code = 1
+    try:
+        parent = os.getppid()
+        _die_with_parent()
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+        trio.run(_serve_requests)
+        code = 0
+    except BaseException:  # noqa: BLE001 - log anything, then exit
+        log.exception("snapshot server %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _stop_servers(pids: list[int]) -> None:
+    """Stop the servers and wait until they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS
+    for pid in pids:
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)

@@ -14,12 +14,14 @@ the kernel (SIGCHLD ignored), so they never linger as zombies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 
 import trio
 
@@ -55,6 +57,12 @@ class SnapshotProcess:
                 self._watched = False
                 self._changed.set()
                 self._changed = trio.Event()
+
+    async def wait_group(self) -> None:
+        """After it ended: make sure no process of its group (its servers) is
+        left, killing any; they must all be gone before its snapshot leaves
+        copy-before-write."""
+        await trio.to_thread.run_sync(_end_group, self.pid)
 
     def send_signal(self, signum: int) -> None:
         if not self.done:
@@ -139,3 +147,35 @@ def _serve(sock: socket.socket) -> None:
         for fd in pidfds:
             os.close(fd)
 
+
+def _end_group(pgid: int, timeout: float = 30.0) -> None:
+    """Kill every live process of group `pgid` and wait until none is left
+    (zombies do not count: they serve nothing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        members = _group_members(pgid)
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            log.error("processes %s of snapshot process group %d do not die", members, pgid)
+            return
+        time.sleep(0.01)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command: state, ppid, pgrp
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
