@@ -393,7 +393,8 @@ class Snapshot:
             return
         job, store = self.job, self.store
         await self.stop_exports()  # before copy-before-write for it stops
-        await self.process.wait_group()  # no server of the snapshot is left
+        if self.process is not None:
+            await self.process.wait_group()  # no server of the snapshot is left
         job.stop()
         await job.finished.wait()
         if store in engine.stores:  # (a broken one is out already)
