@@ -42,6 +42,15 @@ def write_image(path: Path, data: bytes) -> Path:
     return path
 
 
+def read_at(path, offset: int, length: int) -> bytes:
+    """One pread of `length` bytes at `offset`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 def write_at(path, offset: int, data: bytes) -> None:
     """One pwrite of all of `data` at `offset`, as a program writing the disk would."""
     fd = os.open(path, os.O_WRONLY)

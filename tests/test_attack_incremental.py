@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import alive, need, random_bytes, wait_until, write_at
-from test_attack_common import Env, snapfs, status
+from test_attack_common import env, snapfs, status  # noqa: F401 (env: a fixture)
 
 MiB = 1 << 20
 CLUSTER = 64 << 10
@@ -41,6 +41,11 @@ def qemu_io(image, command, fmt="qcow2"):
                             capture_output=True, text=True)
     assert result.returncode == 0 and "error" not in result.stdout.lower(), result
     return result
+
+
+def backing_of(target) -> str:
+    """The backing file name recorded in qcow2 image `target`."""
+    return json.loads(qemu_img("info", "--output=json", target).stdout)["backing-filename"]
 
 
 def chain_is(target, expected: bytes, where: Path) -> bool:
@@ -145,15 +150,6 @@ class Disk:
         # what a user does after the daemon died: umount (clears the dead mount)
         snapfs("umount", self.live_dir)
         return pids
-
-
-@pytest.fixture
-def env(tmp_path):
-    made = Env(tmp_path)
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 @pytest.fixture
@@ -262,13 +258,11 @@ def test_base_in_the_middle_of_a_chain(disk):
     inc3, m3 = d.backup("inc3", "incremental", "--base", inc1)
     assert chain_is(inc3, m3, d.root)
     assert chain_is(inc2, m2, d.root)
-    info = json.loads(qemu_img("info", "--output=json", inc3).stdout)
-    assert info["backing-filename"] == "inc1.qcow2"
+    assert backing_of(inc3) == "inc1.qcow2"
     # the last checkpoint is inc3 now: the next one is backed by it
     d.write(9 * CLUSTER, b"z" * 10)
     inc4, m4 = d.backup("inc4", "incremental")
-    assert json.loads(qemu_img("info", "--output=json", inc4).stdout)["backing-filename"] \
-        == "inc3.qcow2"
+    assert backing_of(inc4) == "inc3.qcow2"
     assert chain_is(inc4, m4, d.root)
 
 
@@ -287,8 +281,7 @@ def test_base_that_is_not_a_checkpoint_is_refused(disk, sync, fmt):
     refused_in_one_line(result, "not a completed backup")
     # and without --base it builds on the FULL, not on that one
     target, moment = d.backup("inc2", "incremental")
-    assert json.loads(qemu_img("info", "--output=json", target).stdout)["backing-filename"] \
-        == "full.qcow2"
+    assert backing_of(target) == "full.qcow2"
     assert chain_is(target, moment, d.root)
 
 

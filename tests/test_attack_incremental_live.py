@@ -18,7 +18,7 @@ import pytest
 
 from conftest import random_bytes, wait_until
 from test_attack_common import snapfs, status
-from test_attack_incremental import (CLUSTER, MiB, SIZE, Disk, chain_bytes, chain_is,  # noqa: F401
+from test_attack_incremental import (CLUSTER, MiB, SIZE, Disk, backing_of, chain_bytes, chain_is,  # noqa: F401
                                      disk, env, qemu_img, qemu_io, refused_in_one_line)
 
 
@@ -318,8 +318,7 @@ def test_kill_9_while_an_incremental_is_cancelled_meanwhile(disk):
     d.release("inc")
     d.write(51 * CLUSTER, b"after")
     assert incremental_is_safe(d, "inc2") == "exact"
-    info = json.loads(qemu_img("info", "--output=json", d.root / "inc2.qcow2").stdout)
-    assert info["backing-filename"] == "full.qcow2"
+    assert backing_of(d.root / "inc2.qcow2") == "full.qcow2"
 
 
 # --- several snapshots at once -------------------------------------------------
@@ -343,8 +342,7 @@ def test_full_and_incremental_at_once_incremental_first_released(disk):
     assert chain_is(d.root / "full2.qcow2", m2, d.root)
     d.write(9 * CLUSTER, b"next")
     assert incremental_is_safe(d, "inc2") == "exact"
-    info = json.loads(qemu_img("info", "--output=json", d.root / "inc2.qcow2").stdout)
-    assert info["backing-filename"] == "full2.qcow2"
+    assert backing_of(d.root / "inc2.qcow2") == "full2.qcow2"
 
 
 def test_two_incrementals_at_once_first_cancelled(disk):
@@ -362,8 +360,7 @@ def test_two_incrementals_at_once_first_cancelled(disk):
     assert chain_is(d.root / "b.qcow2", m_b, d.root)
     d.write(14 * CLUSTER, b"next")
     assert incremental_is_safe(d, "c") == "exact"
-    info = json.loads(qemu_img("info", "--output=json", d.root / "c.qcow2").stdout)
-    assert info["backing-filename"] == "b.qcow2"
+    assert backing_of(d.root / "c.qcow2") == "b.qcow2"
 
 
 def test_two_incrementals_at_once_second_cancelled(disk):
@@ -381,8 +378,7 @@ def test_two_incrementals_at_once_second_cancelled(disk):
     assert chain_is(d.root / "a.qcow2", m_a, d.root)
     d.write(14 * CLUSTER, b"next")
     assert incremental_is_safe(d, "c") == "exact"
-    info = json.loads(qemu_img("info", "--output=json", d.root / "c.qcow2").stdout)
-    assert info["backing-filename"] == "a.qcow2"
+    assert backing_of(d.root / "c.qcow2") == "a.qcow2"
 
 
 @pytest.mark.slow
@@ -616,8 +612,7 @@ def test_snapshot_process_killed_during_an_incremental(disk):
                                       for s in status(d.live_dir)["snapshots"]), timeout=20)
     d.write(40 * CLUSTER, b"later")
     assert incremental_is_safe(d, "inc2") == "exact"
-    info = json.loads(qemu_img("info", "--output=json", d.root / "inc2.qcow2").stdout)
-    assert info["backing-filename"] == "full.qcow2"
+    assert backing_of(d.root / "inc2.qcow2") == "full.qcow2"
 
 
 def test_fusermount_of_an_incremental_before_it_completed(disk):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import is_mounted, random_bytes
+from conftest import is_mounted, random_bytes, read_at
 from faults import FailingImage, faulty_dir
 from snapfs.image.raw import RawImage
 
@@ -32,14 +32,6 @@ def pwrite(path, data: bytes, offset: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         assert os.pwrite(fd, data, offset) == len(data)
-    finally:
-        os.close(fd)
-
-
-def pread(path, length: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
     finally:
         os.close(fd)
 
@@ -67,7 +59,7 @@ def test_pass_through_matches_a_plain_file(fs, tmp_path):
                     "count=5", "conv=notrunc", "status=none"], check=True)
     subprocess.run(["cmp", reference, image], check=True)
     subprocess.run(["cmp", reference, fs.backing / "disk.img"], check=True)
-    assert pread(image, 100, 3 * MiB + 12345 - 50) == reference.read_bytes()[-50:]
+    assert read_at(image, 3 * MiB + 12345 - 50, 100) == reference.read_bytes()[-50:]
 
     # setattr: truncate, mode, times
     os.truncate(image, MiB)
@@ -253,7 +245,7 @@ def test_a_delayed_call_holds_up_nobody_else(fs):
     start = time.monotonic()
     for i in range(20):
         pwrite(fs.path / "fast", b"f" * 4096, 0)
-        assert pread(fs.path / "fast", 4096, 0) == b"f" * 4096
+        assert read_at(fs.path / "fast", 0, 4096) == b"f" * 4096
         os.stat(fs.path / "slow")
         os.listdir(fs.path)
     assert time.monotonic() - start < 0.4, "others waited for the delayed write"
@@ -303,7 +295,7 @@ def test_teardown_with_a_hung_reader_leaves_nothing(tmp_path):
 
         def reader():
             try:
-                results.append(pread(faulty.path / "f", 4, 0))
+                results.append(read_at(faulty.path / "f", 0, 4))
             except OSError as e:
                 results.append(e.errno)
 

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from conftest import fill, random_bytes, tmpfs, write_image
+from conftest import fill, random_bytes, read_at, tmpfs, write_at, write_image
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -25,22 +25,6 @@ CLUSTER = 64 * KiB
 LATE = 3 * MiB + 5 * KiB
 #: slow enough that a FULL job stays below LATE for the whole test
 SLOW = "256K"
-
-
-def pread(path, length: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def pwrite(path, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-    finally:
-        os.close(fd)
 
 
 def errno_of(call, *args) -> int | None:
@@ -60,8 +44,8 @@ def snapshot_status(inst) -> dict:
 def assert_both_mounts_answer(inst) -> None:
     os.stat(inst.live)
     os.stat(inst.snapshot)
-    pread(inst.live, 4096, 0)
-    pread(inst.snapshot, 4096, 0)
+    read_at(inst.live, 0, 4096)
+    read_at(inst.snapshot, 0, 4096)
     snapshot_status(inst)
 
 
@@ -85,18 +69,18 @@ def test_target_write_fails_during_copy_before_write(faulty, mount, tmp_path, sy
                  target=faulty.path / "target.img")
     faulty.fail("write", code, name="target.img", offset=3 * MiB)
 
-    assert errno_of(pwrite, inst.live, b"new data" * 512, LATE) == code, \
+    assert errno_of(write_at, inst.live, LATE, b"new data" * 512) == code, \
         "the guest's write fails with the target's error"
     assert source.read_bytes() == oracle, "SOURCE was not written"
     assert faulty.stats()["write"]["failed"] >= 1
-    assert pread(inst.snapshot, 4096, LATE) == oracle[LATE:LATE + 4096]
+    assert read_at(inst.snapshot, LATE, 4096) == oracle[LATE:LATE + 4096]
     assert inst.snapshot.read_bytes() == oracle
     status_then = json.dumps(snapshot_status(inst))
     assert_both_mounts_answer(inst)
 
     faulty.clear()
-    pwrite(inst.live, b"new data" * 512, LATE)
-    assert pread(inst.live, 4096, LATE) == b"new data" * 512
+    write_at(inst.live, LATE, b"new data" * 512)
+    assert read_at(inst.live, LATE, 4096) == b"new data" * 512
     assert inst.snapshot.read_bytes() == oracle
     assert (faulty.backing / "target.img").read_bytes()[LATE - LATE % CLUSTER:][:CLUSTER] \
         == oracle[LATE - LATE % CLUSTER:][:CLUSTER], "the old cluster reached TARGET"
@@ -114,13 +98,13 @@ def test_target_on_a_full_file_system(mount, tmp_path, sync):
                      target=small / "target.img")
         try:
             fill(small)
-            assert errno_of(pwrite, inst.live, b"x" * 4096, LATE) == errno.ENOSPC
+            assert errno_of(write_at, inst.live, LATE, b"x" * 4096) == errno.ENOSPC
             assert source.read_bytes() == oracle
             assert inst.snapshot.read_bytes() == oracle
             status_then = json.dumps(snapshot_status(inst))
             assert_both_mounts_answer(inst)
             os.unlink(small / "filler")
-            pwrite(inst.live, b"x" * 4096, LATE)
+            write_at(inst.live, LATE, b"x" * 4096)
             assert inst.snapshot.read_bytes() == oracle
             inst.umount()
             assert "No space left on device" in status_then, "status showed the error"
@@ -135,7 +119,7 @@ def test_target_fsync_fails(faulty, mount, tmp_path, sync):
     source, oracle = make_source(tmp_path)
     inst = mount(source, sync=sync, cluster_size="64K", speed=SLOW,
                  target=faulty.path / "target.img")
-    pwrite(inst.live, b"A" * 4096, LATE)  # copy-before-write works
+    write_at(inst.live, LATE, b"A" * 4096)  # copy-before-write works
     faulty.fail("fsync", errno.EIO, name="target.img")
     fd = os.open(inst.live, os.O_RDWR)
     try:
@@ -164,13 +148,13 @@ def test_source_read_fails(faulty, mount, sync):
     inst = mount(source, sync=sync, cluster_size="64K", speed="4M")
     faulty.fail("read", errno.EIO, name="disk.img", offset=BAD)
 
-    assert errno_of(pread, inst.live, 4096, LATE) == errno.EIO, "the guest's read fails"
-    assert pread(inst.live, 4096, 0) == oracle[:4096], "reads below BAD still work"
-    assert errno_of(pwrite, inst.live, b"w" * 4096, LATE) == errno.EIO, \
+    assert errno_of(read_at, inst.live, LATE, 4096) == errno.EIO, "the guest's read fails"
+    assert read_at(inst.live, 0, 4096) == oracle[:4096], "reads below BAD still work"
+    assert errno_of(write_at, inst.live, LATE, b"w" * 4096) == errno.EIO, \
         "a write that cannot read the old data fails"
-    assert errno_of(pread, inst.snapshot, 4096, LATE) == errno.EIO, \
+    assert errno_of(read_at, inst.snapshot, LATE, 4096) == errno.EIO, \
         "a snapshot read of what is not copied fails"
-    assert pread(inst.snapshot, 4096, 0) == oracle[:4096]
+    assert read_at(inst.snapshot, 0, 4096) == oracle[:4096]
     if sync == "full":
         result = inst.wait(check=False)
         assert result.returncode == 1 and "Input/output error" in result.stderr, result.stderr
@@ -180,9 +164,9 @@ def test_source_read_fails(faulty, mount, sync):
 
     faulty.clear()
     assert inst.snapshot.read_bytes() == oracle
-    pwrite(inst.live, b"w" * 4096, LATE)
+    write_at(inst.live, LATE, b"w" * 4096)
     assert inst.snapshot.read_bytes() == oracle
-    assert pread(inst.live, 4096, LATE) == b"w" * 4096
+    assert read_at(inst.live, LATE, 4096) == b"w" * 4096
     inst.umount()
     assert (faulty.backing / "disk.img").read_bytes()[LATE:LATE + 4096] == b"w" * 4096
 
@@ -202,7 +186,7 @@ def test_target_write_fails_under_the_job(faulty, mount, tmp_path):
     assert info["state"] == "failed" and "Input/output error" in info["error"], info
     assert inst.snapshot.read_bytes() == oracle
     faulty.clear()
-    pwrite(inst.live, b"after" * 800, LATE)
+    write_at(inst.live, LATE, b"after" * 800)
     assert inst.snapshot.read_bytes() == oracle
     assert_both_mounts_answer(inst)
     inst.umount()
