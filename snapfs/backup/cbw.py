@@ -154,8 +154,7 @@ class CopyBeforeWrite:
         self._failed(failures)
 
     def _read_old_data(self, needs) -> tuple[int, memoryview]:
-        low = min(store.byte_span(*runs[0])[0] for store, runs in needs)
-        high = max(store.byte_span(*runs[-1])[1] for store, runs in needs)
+        low, high = _bytes_needed(needs)
         old = self._buffer(high - low)
         self.source.readinto(low, old)
         return low, old
@@ -178,8 +177,7 @@ class CopyBeforeWrite:
         copied) when it is done."""
         claims = [(store, [store.claim(first, stop) for first, stop in runs])
                   for store, runs in needs]
-        low = min(store.byte_span(*runs[0])[0] for store, runs in needs)
-        high = max(store.byte_span(*runs[-1])[1] for store, runs in needs)
+        low, high = _bytes_needed(needs)
         old = bytearray(high - low)  # not a reused buffer: a thread may outlive this call
         read = _Read()
         outcome: dict[int, OSError | None] = {}  # id(store): None once copied, or the error
@@ -243,8 +241,7 @@ class CopyBeforeWrite:
                     for claim in store_claims:
                         await claim.done.wait()
                 if id(store) not in outcome:
-                    failures.append((store, TimeoutError(
-                        errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s")))
+                    failures.append((store, _timed_out(store)))
                 elif outcome[id(store)] is not None:
                     failures.append((store, outcome[id(store)]))
             nursery.cancel_scope.cancel()  # the threads go on alone if they must
@@ -259,8 +256,7 @@ class CopyBeforeWrite:
         with trio.move_on_at(started + store.timeout):
             await claim.done.wait()
         if not claim.done.is_set():
-            self._failed([(store, TimeoutError(
-                errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s"))])
+            self._failed([(store, _timed_out(store))])
 
     def _failed(self, failures: list[tuple[Store, OSError]]) -> None:
         """Apply each store's policy to its failure: break the snapshot (it is
@@ -348,3 +344,14 @@ class CopyBeforeWrite:
         if all(store.on_error == "break-snapshot" for store, _ in failures):
             self.source.flush()
         return failures
+
+
+def _bytes_needed(needs) -> tuple[int, int]:
+    """The bytes [low, high) that cover every store's runs in `needs`."""
+    low = min(store.byte_span(*runs[0])[0] for store, runs in needs)
+    high = max(store.byte_span(*runs[-1])[1] for store, runs in needs)
+    return low, high
+
+
+def _timed_out(store: Store) -> TimeoutError:
+    return TimeoutError(errno.ETIMEDOUT, f"copy-before-write took more than {store.timeout:g} s")
