@@ -66,3 +66,16 @@ def test_wait_shows_progress_on_a_terminal_only(tmp_path, mount):
     status = run_snapfs("status", inst.snapshot_dir).stdout
     assert re.search(r"copied: +\d+% .* of 12\.0 MiB", status), status
     inst.umount()
+
+
+def test_commands_import_no_daemon_and_no_qcow2_driver():
+    """A command's start-up is most of what `snapfs snapshot` and `snapfs
+    wait` cost (docs/performance.md): the command line imports neither trio,
+    pyfuse3, nor the qcow2 driver, which is loaded when a qcow2 image is opened."""
+    probe = ("import sys, snapfs.cli.main, snapfs.image as image; "
+             "heavy = [m for m in ('trio', 'pyfuse3', 'snapfs.image.qcow2') if m in sys.modules]; "
+             "image._driver('qcow2'); "
+             "print(heavy, 'snapfs.image.qcow2' in sys.modules)")
+    out = subprocess.run([SNAPFS[0], "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
+    assert " ".join(out) == "[] True"

@@ -2,7 +2,8 @@
 
 An image is a fixed-size array of bytes (the guest view). The rest of snapfs
 only ever talks to images through this interface, so a new format (qcow2, say)
-is one new class plus one entry in `snapfs.image.DRIVERS`.
+is one new class plus one entry (its module and class name) in
+`snapfs.image.DRIVERS`.
 
 All methods are synchronous and thread-safe for distinct byte ranges: the
 background copy calls them from a worker thread while the FUSE handlers call
