@@ -132,10 +132,14 @@ async def _wait_lifeline(lifeline: int, done: trio.Event) -> None:
 
 
 async def _serve_requests() -> None:
-    """What each server runs: requests, until the mount goes away or SIGTERM."""
+    """What each server runs: requests, until the mount goes away or SIGTERM.
+    One pyfuse3 task, not a pool: no handler here awaits anything, so a
+    second task would only take turns with the first at the FUSE device,
+    a lock hand-off and a trio task switch per request (docs/performance.md,
+    "Queue depth"). The other servers give the concurrency."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        await pyfuse3.main()
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
