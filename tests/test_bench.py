@@ -46,6 +46,7 @@ ROWS = [
     "TOP copy, sparse image",
     "TOP time ÷ FULL time",
     "Peak memory",
+    "Memory in use after those writes",
     "Start-up",
     "Snapshot of a mounted live disk",
     "Change tracking on, overwrite sequential",
@@ -184,7 +185,7 @@ def test_report_rows_from_samples(benchlib):
                               ("snap_seq", 900, 600), ("snap_rand", 3, 3),
                               ("full", 1.0, 4.0), ("full_sync", 1.0, 1.0),
                               ("reflink_full_sync", 0.5, 2.0), ("reflink_take_sync", 0.1, 1.0),
-                              ("top", 0.2, 0.5), ("memory", 50, 40), ("startup", 0.3, 0.1),
+                              ("top", 0.2, 0.5), ("memory", 50, 40), ("memory_pss", 30, 40), ("startup", 0.3, 0.1),
                               ("untrk_seq_over", 1000, 800), ("trk_seq_over", 960, 800),
                               ("untrk_rand_over", 10000, 20000), ("trk_rand_over", 9000, 20000),
                               ("untrk_seq_first", 1000, 800), ("trk_seq_first", 800, 800),
@@ -226,6 +227,7 @@ def test_report_rows_from_samples(benchlib):
     assert by_start["FULL copy time ÷ cold cp"]["snapfs"] == "0.50"
     assert by_start["TOP time ÷ FULL time"]["snapfs"] == "0.11"  # (0.2 - 0.1) / (1.0 - 0.1)
     assert by_start["Peak memory"]["versus"] == "1.25x more"
+    assert by_start["Memory in use after those writes"]["versus"] == "1.33x less"
     assert by_start["FULL copy, until done + fsync"]["met"] == "—"
     durable = by_start["FULL copy until durable ÷ cold cp + fsync"]
     assert (durable["snapfs"], durable["qemu"], durable["met"]) == ("0.50", "0.50", "met")

@@ -137,6 +137,16 @@ def vm_hwm(pid: int) -> int:
     raise MeasureError(f"no VmHWM for pid {pid}")
 
 
+def pss(pid: int) -> int:
+    """Proportional set size of a process now, in bytes: its private pages
+    plus its share of the pages it shares (with forked processes, say)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * KiB
+    raise MeasureError(f"no Pss for pid {pid}")
+
+
 # --- mounts ---------------------------------------------------------------------
 
 def is_mounted(path: str) -> bool:

@@ -365,6 +365,7 @@ class Measures:
                  f"--size={self.config.memory_disk}", f"--io_size={self.config.memory_writes}",
                  "--norandommap", f"--randseed={rep + 1}", "--end_fsync=1"], "write")
             self.results.add("memory", system, instance.peak_rss() / MiB)
+            self.results.add("memory_pss", system, instance.pss_now() / MiB)
         remove(disk, self.img("snapfs-huge-target.img"), self.img("snapfs-huge-target.img.snapfs"),
                self.img("qemu-huge-target.qcow2"))
 

@@ -32,7 +32,7 @@ from typing import Callable
 
 from snapfs.mounts import lazy_unmount, mount_table
 
-from benchlib.host import MeasureError, is_mounted, remove, run, vm_hwm, wait_for
+from benchlib.host import MeasureError, is_mounted, pss, remove, run, vm_hwm, wait_for
 
 
 class Qmp:
@@ -187,6 +187,9 @@ class QemuDaemon:
 
     def peak_rss(self) -> int:
         return vm_hwm(self.process.pid)
+
+    def pss_now(self) -> int:
+        return pss(self.process.pid)
 
 
 def qemu_cbw(workdir: str, source: str, targets: list[str],

@@ -153,6 +153,8 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
     row(f"Peak memory, {size_text(config.memory_disk)} sparse disk, sync none, "
         f"{size_text(config.memory_writes)} of random 64 KiB writes", "memory", "MiB", False,
         "snapfs ≤ 100 MiB", lambda s, q, r: s <= 100, better="less", worse="more")
+    row("Memory in use after those writes, proportional set size (PSS) summed", "memory_pss",
+        "MiB", False, "(information)", None, better="less", worse="more")
     row(f"Start-up on a {size_text(config.memory_disk)} sparse image", "startup", "s", False,
         "snapfs ≤ 2 s", lambda s, q, r: s <= 2)
     row(f"Snapshot of a mounted live disk, {size_text(config.memory_disk)} sparse image",
@@ -223,7 +225,9 @@ LABELS = {
     "top": ("TOP copy, until done", "s"), "top_sync": ("TOP copy, + fsync of target", "s"),
     "full_mount": ("FULL copy: of which `snapfs mount`", "s"),
     "top_mount": ("TOP copy: of which `snapfs mount`", "s"),
-    "memory": ("peak RSS (VmHWM)", "MiB"), "startup": ("start-up", "s"),
+    "memory": ("peak RSS (VmHWM)", "MiB"),
+    "memory_pss": ("memory in use after the writes (PSS sum)", "MiB"),
+    "startup": ("start-up", "s"),
     "startup_live": ("start-up of the live disk alone", "s"),
     "take": ("snapshot of a mounted live disk", "s"),
     **{f"{prefix}_{key}": (f"{what}: {label}", unit)
@@ -467,8 +471,10 @@ else ran on the machine, say).
   returns. Each snapfs snapshot is served by a process of its own (forked by
   a spawner that the live process starts with it), whose start is part of
   both. snapfs' peak memory is the sum of the VmHWM of the live process, the
-  spawner and the snapshot process: forked processes share pages, so the sum
-  is an upper bound.
+  spawner, the snapshot process and its servers: forked processes share
+  pages, so the sum is an upper bound. The PSS row sums the same processes'
+  proportional set sizes once the writes are done (each shared page counted
+  once in all; for QEMU, one process, about its resident size).
 - The machine may be shared: the load average before and after the run is
   under "Machine"; treat differences within the spread of the samples as
   noise.

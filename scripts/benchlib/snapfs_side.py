@@ -42,7 +42,7 @@ from typing import Callable
 from snapfs.mounts import lazy_unmount
 
 from benchlib.host import (MeasureError, alive, descendants, is_mounted, log, remove, run,
-                           sleeps_uninterruptibly, stop_pids, timed, vm_hwm)
+                           sleeps_uninterruptibly, stop_pids, pss, timed, vm_hwm)
 
 #: the modules the processes of a snapfs instance run (`python -m MODULE CONFIG`)
 DAEMON_MODULES = ("snapfs.daemon", "snapfs.daemon.snapshot_server")
@@ -205,6 +205,11 @@ class SnapfsInstance:
         not written since the fork: the sum counts those once per process, an
         upper bound."""
         return sum(vm_hwm(p) for p in self.processes())
+
+    def pss_now(self) -> int:
+        """Sum of the proportional set sizes of the same processes, now: the
+        memory they use, each shared page counted once in all."""
+        return sum(pss(p) for p in self.processes())
 
     # --- stopping
 
