@@ -167,6 +167,7 @@ def run_backup(tmp_path: Path, xfs: Path, live, sync: str, target: Path, size: i
     run_snapfs("wait", snapshot.parent)
     after_job = status(snapshot.parent)
     assert after_job["state"] == "completed", after_job
+    after_job["shown"] = run_snapfs("status", snapshot.parent).stdout
     cmp(snapshot, oracle)
     cmp(target, oracle)
     shared = shared_bytes(target)
@@ -200,6 +201,8 @@ def test_backup_clones_on_reflink_xfs(tmp_path, xfs, live, sync):
     copied_by_writes = info["clusters_copied_by_writes"] * CLUSTER
     assert shared >= data - copied_by_writes - 45 * 128 * 1024, (shared, copied_by_writes)
     assert info["grew"] < data // 4, f"the target took {info['grew']} bytes of its own"
+    assert 0 < info["bytes_cloned"] <= info["bytes_copied"], info
+    assert re.search(r"^cloned: .* shared with SOURCE", info["shown"], re.M), info["shown"]
     # holes stay holes
     assert os.stat(target).st_blocks * 512 <= os.stat(xfs / "disk.img").st_blocks * 512 + 8 * MiB
 
@@ -211,5 +214,7 @@ def test_backup_copies_to_another_file_system(tmp_path, xfs, live):
     info, _ = run_backup(tmp_path, xfs, live, "full", target, 64 * MiB + 5000, speed=None)
     assert info["bytes_copied"] + info["clusters_copied_by_writes"] * CLUSTER >= 64 * MiB
     assert info["grew"] < 4 * MiB, "nothing was written on SOURCE's file system"
+    assert info["bytes_cloned"] == 0, info
+    assert "cloned:" not in info["shown"]
     # the holes of SOURCE stay holes in the copy
     assert os.stat(target).st_blocks * 512 <= 50 * MiB

@@ -96,6 +96,9 @@ def _snapshot_lines(info: dict) -> list[str]:
              f"sync:      {info['sync']}" + (f" (on {info['base']})" if info["base"] else "")]
     if info["sync"] != "none":
         lines.append(f"copied:    {progress(info)}")
+        if info.get("bytes_cloned"):
+            lines.append(f"cloned:    {human(info['bytes_cloned'])} of them shared with SOURCE "
+                         "(reflink), not copied")
     lines += [f"by writes: {info['clusters_copied_by_writes']} clusters of "
               f"{human(info['cluster_size'])} copied before a write",
               f"target:    {info['target']}"]

@@ -455,6 +455,7 @@ class Snapshot:
             "bytes_total": job.bytes_total if job else 0,
             "bytes_done": job.bytes_done if job else 0,
             "bytes_copied": job.bytes_copied if job else 0,
+            "bytes_cloned": job.bytes_cloned if job else 0,
             "rate": job.rate() if job else None,
             "seconds_left": job.seconds_left() if job else None,
             "clusters_copied_by_writes": store.clusters_copied_by_writes if store else 0,
