@@ -261,6 +261,37 @@ def test_relative_paths(tmp_path, disk):
     run_snapfs("umount", "../live", cwd=sub)
 
 
+def test_snapshot_wait_returns_once_the_copy_is_complete(tmp_path, disk):
+    """`snapfs snapshot --wait` (relative paths, a speed limit so that the copy
+    takes a while) returns once the FULL copy has completed; with --sync none
+    it is refused before anything is taken."""
+    d = disk(size=8 * MiB)
+    d.mount()
+    copy = d.source.read_bytes()
+    (tmp_path / "snap").mkdir()
+    started = time.monotonic()
+    run_snapfs("snapshot", "live", "snap", "--target", "backup.img", "--speed", "16M",
+               "--wait", cwd=tmp_path)
+    took = time.monotonic() - started
+    d.points.append(tmp_path / "snap")
+    d._learn_pids()
+    info = status(tmp_path / "snap")
+    assert info["state"] == "completed" and info["bytes_done"] == info["bytes_total"] == 8 * MiB
+    assert took >= 0.3, f"returned after {took:.2f} s: before an 8 MiB copy at 16 MB/s could end"
+    write_at(d.live, 0, b"after" * 100)
+    assert (tmp_path / "backup.img").read_bytes() == copy
+
+    (tmp_path / "none").mkdir()
+    refused = run_snapfs("snapshot", "live", "none", "--target", "none.img", "--sync", "none",
+                         "--wait", cwd=tmp_path, check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.count("\n") == 1 and "nothing to wait for" in refused.stderr
+    assert not (tmp_path / "none.img").exists() and not is_mounted(tmp_path / "none")
+    assert len(status(d.live_dir)["snapshots"]) == 1
+    run_snapfs("release", tmp_path / "snap")
+    d.umount()
+
+
 def test_release_refuses_a_snapshot_in_use(tmp_path, disk):
     d = disk()
     d.mount()

@@ -254,8 +254,8 @@ class Measures:
         (a sparse file loop-mounted in the work directory, made anew each
         time): snapfs clones the clusters. snapfs twice: from `snapfs mount`
         (reflink_full, its start-up included, as in the "copy" group), and as
-        a snapshot of a live disk already mounted, from `snapfs snapshot`
-        until `snapfs wait` returns (reflink_take; + fsync of the target:
+        a snapshot of a live disk already mounted, `snapfs snapshot --wait`
+        until it returns (reflink_take; + fsync of the target:
         reflink_take_sync). The reference, in the snapfs turn: `cp
         --reflink=never` + fsync of the same file on the same XFS. The extra
         figure reflink_used is what the copy took on the XFS (df)."""
@@ -279,13 +279,8 @@ class Measures:
                     instance.mount_live()
                     PageCache.drop()
                     start = time.perf_counter()
-                    instance.take_snapshot(target, "full")
-                    instance.wait()
+                    instance.take_snapshot(target, "full", wait=True)
                     self.results.add("reflink_take", system, time.perf_counter() - start)
-                    # of which the copy itself: from `snapfs snapshot`'s return
-                    # until `snapfs wait` returned (its start-up included)
-                    self.results.add("reflink_job", system, time.perf_counter() - start
-                                     - instance.snapshot_seconds[0])
                     fsync_file(target)
                     self.results.add("reflink_take_sync", system, time.perf_counter() - start)
                 self._check_target(target, disk, "reflink_take", system)

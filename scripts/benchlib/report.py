@@ -128,7 +128,7 @@ def build_rows(config: BenchConfig, results: Results) -> list[dict]:
                 durable_by("reflink_full", "reflink_cp_sync", "qemu")))
     # a backup of a disk in use: the live disk (snapfs) or the daemon (QEMU) runs already
     row(f"FULL on reflink XFS of a running disk, until durable ÷ cp --reflink=never + "
-        f"fsync there (snapfs: from `snapfs snapshot`)", None, "x", False,
+        f"fsync there (snapfs: `snapfs snapshot --wait`)", None, "x", False,
         "snapfs ≤ 0.1 (10x faster)", lambda s, q, r: s <= 0.1, better="less", worse="more",
         values=(durable_by("reflink_take", "reflink_cp_sync", "snapfs"),
                 durable_by("reflink_full", "reflink_cp_sync", "qemu")))
@@ -216,11 +216,10 @@ LABELS = {
     "reflink_full": ("FULL copy on reflink XFS, until done", "s"),
     "reflink_full_sync": ("FULL copy on reflink XFS, + fsync of target", "s"),
     "reflink_full_mount": ("FULL copy on reflink XFS: of which `snapfs mount`", "s"),
-    "reflink_take": ("FULL on reflink XFS from `snapfs snapshot` of a mounted live disk, "
-                     "until done", "s"),
-    "reflink_take_sync": ("FULL on reflink XFS from `snapfs snapshot`, + fsync of target", "s"),
-    "reflink_job": ("FULL on reflink XFS: of which the job (`snapfs snapshot` returned until "
-                    "`snapfs wait` did)", "s"),
+    "reflink_take": ("FULL on reflink XFS of a mounted live disk, `snapfs snapshot --wait` "
+                     "until it returns", "s"),
+    "reflink_take_sync": ("FULL on reflink XFS, `snapfs snapshot --wait`, + fsync of target",
+                          "s"),
     "reflink_cp_sync": ("cold cp --reflink=never + fsync on reflink XFS", "s"),
     "top": ("TOP copy, until done", "s"), "top_sync": ("TOP copy, + fsync of target", "s"),
     "full_mount": ("FULL copy: of which `snapfs mount`", "s"),
@@ -464,7 +463,8 @@ else ran on the machine, say).
 - snapfs' background copy times include its start-up (`snapfs mount` until
   `snapfs wait` returns); QEMU's start at `blockdev-backup`, with the daemon
   already running. The TOP ÷ FULL row leaves snapfs' start-up out, so that it
-  compares the copies alone. `snapfs wait` polls every 0.05 s: snapfs' copy
+  compares the copies alone. `snapfs wait` (and `snapfs snapshot --wait`) looks
+  at the status after 5 ms, then at pauses doubling up to 0.05 s: snapfs' copy
   times may run up to 0.05 s late.
 - Start-up rows: `snapfs mount SOURCE LIVE SNAPSHOT --target TARGET` until
   it returns (both mounts serve), on a sparse image; `snapfs snapshot` until it

@@ -116,14 +116,16 @@ class SnapfsInstance:
         self._learn_pids()
         return snapshot
 
-    def take_snapshot(self, target: str, sync: str) -> SnapfsSnapshot:
-        """`snapfs snapshot LIVE SNAPSHOT --target TARGET --sync SYNC --force` on
-        the mounted live disk, timed (appended to snapshot_seconds)."""
+    def take_snapshot(self, target: str, sync: str, wait: bool = False) -> SnapfsSnapshot:
+        """`snapfs snapshot LIVE SNAPSHOT --target TARGET --sync SYNC --force`
+        (with `wait`, --wait: until its background copy ends) on the mounted
+        live disk, timed (appended to snapshot_seconds)."""
         snapshot = self._new_snapshot(target, sync)
         try:
             self.snapshot_seconds.append(timed(
                 ["snapfs", "snapshot", self.live_dir, snapshot.dir,
-                 "--target", target, "--sync", sync, "--force"], timeout=600, cwd=self.base))
+                 "--target", target, "--sync", sync, "--force", *(["--wait"] if wait else [])],
+                timeout=600, cwd=self.base))
         finally:  # its process is a child of the live process
             self.pids += [p for p in descendants(self.pids[0]) if p not in self.pids]
         return snapshot

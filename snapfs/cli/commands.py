@@ -14,8 +14,11 @@ from snapfs.cli.start import check_serving, cmd_mount
 from snapfs.errors import UserError
 from snapfs.units import human
 
-#: how often `wait` and `cancel` look at the status
+#: how often `wait` and `cancel` look at the status (`wait` starts at
+#: FIRST_POLL_SECONDS and doubles up to this: a copy that takes milliseconds,
+#: a clone, is seen to end soon after it does)
 POLL_SECONDS = 0.05
+FIRST_POLL_SECONDS = 0.005
 #: how often `wait` updates its progress line on a terminal
 PROGRESS_SECONDS = 0.25
 #: how long `umount` waits for the daemon to flush and exit
@@ -25,12 +28,17 @@ UMOUNT_TIMEOUT = 300
 # --- snapshots ------------------------------------------------------------
 
 def cmd_snapshot(args) -> int:
+    if args.wait and args.sync == "none":
+        raise UserError("--wait: nothing to wait for, sync mode none has no background copy")
     live = client.locate_live(args.live)
     info = client.status(live.instance)
     request = check_snapshot(args, info["source"], _source_status(info), info["format"],
                              live.point)
     taken = client.request(live.instance, "snapshot", request=request.to_dict())
     check_serving([taken["snapshot"]])
+    if args.wait:
+        info = _snapshot_by_dir(live.instance, request.snapshot)
+        return _wait_for_copy(live.instance, info, args.snapshot, quiet=False)
     return 0
 
 
@@ -176,19 +184,28 @@ def cmd_wait(args) -> int:
         raise UserError(f"the snapshot is broken: {info['broken']}")
     if info["sync"] == "none":
         raise UserError("nothing to wait for: sync mode none has no background copy")
-    show = sys.stdout.isatty() and not args.quiet
+    return _wait_for_copy(where.instance, info, args.path, args.quiet)
+
+
+def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
+    """Until the background copy of the snapshot `info` describes ends: 0 if
+    it completed, else UserError saying how it ended. A progress line on a
+    terminal unless `quiet`."""
+    show = sys.stdout.isatty() and not quiet
     shown = 0.0
+    pause = FIRST_POLL_SECONDS
     try:
         while info["state"] == "running":
             if show and time.monotonic() - shown >= PROGRESS_SECONDS:
                 sys.stdout.write("\r\033[K" + progress(info))  # one line, updated in place
                 sys.stdout.flush()
                 shown = time.monotonic()
-            time.sleep(POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_SECONDS)
             try:
-                info = _snapshot_by_dir(where.instance, info["snapshot_dir"])
+                info = _snapshot_by_dir(instance, info["snapshot_dir"])
             except UserError:
-                raise UserError(f"{args.path}: released or unmounted before the background "
+                raise UserError(f"{path}: released or unmounted before the background "
                                 "copy ended") from None
     finally:
         if show and shown:

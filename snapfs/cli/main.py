@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("snapshot", metavar="SNAPSHOT",
                           help="directory where the point-in-time image appears")
     _snapshot_options(snapshot, target_required=True)
+    snapshot.add_argument("--wait", action="store_true",
+                          help="return once the background copy has ended, as snapfs wait "
+                               "does (not with --sync none)")
 
     release = commands.add_parser("release", help="end a snapshot; the live disk stays")
     release.add_argument("snapshot", metavar="SNAPSHOT")
