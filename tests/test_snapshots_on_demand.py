@@ -292,6 +292,70 @@ def test_snapshot_wait_returns_once_the_copy_is_complete(tmp_path, disk):
     d.umount()
 
 
+def _waiting(d: LiveDisk, tmp_path, name: str) -> subprocess.Popen:
+    """`snapfs snapshot --wait` of a slow FULL copy, started; returns once its
+    snapshot is taken and copying."""
+    point = tmp_path / name
+    point.mkdir()
+    d.points.append(point)
+    waiter = subprocess.Popen([*SNAPFS, "snapshot", str(d.live_dir), str(point), "--target",
+                               str(tmp_path / f"{name}.img"), "--speed", "1M", "--wait"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_until(lambda: any(s["snapshot_dir"] == str(point) and s["bytes_done"] > 0
+                                  for s in status(d.live_dir)["snapshots"]), timeout=30)
+    d._learn_pids()
+    return waiter
+
+
+def test_snapshot_wait_follows_its_own_snapshot_only(tmp_path, disk):
+    """Released while the command waits, and another snapshot taken on the
+    same directory before it looks again: it reports the release (exit 1),
+    not the new snapshot's copy."""
+    d = disk(size=8 * MiB)
+    d.mount()
+    waiter = _waiting(d, tmp_path, "snap")
+    try:
+        waiter.send_signal(signal.SIGSTOP)
+        run_snapfs("release", tmp_path / "snap")
+        run_snapfs("snapshot", d.live_dir, tmp_path / "snap", "--target", tmp_path / "new.img",
+                   "--sync", "none")
+    finally:
+        waiter.send_signal(signal.SIGCONT)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 1, (out, err)
+    assert err.count("\n") == 1 and "released or unmounted before the background copy ended" \
+        in err, err
+    d.umount()
+
+
+def test_snapshot_wait_interrupted_or_orphaned(tmp_path, disk):
+    """Ctrl-C while waiting: one line saying the snapshot stays, exit 130, and
+    the snapshot is still there. The daemon killed while waiting: the error
+    says so (not "released")."""
+    d = disk(size=8 * MiB)
+    d.mount()
+    waiter = _waiting(d, tmp_path, "snap")
+    waiter.send_signal(signal.SIGINT)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 130, (out, err)
+    assert err.count("\n") == 1 and "stays" in err and "Traceback" not in err, err
+    assert [s["state"] for s in status(d.live_dir)["snapshots"]] == ["running"]
+    run_snapfs("release", tmp_path / "snap")
+
+    waiter = _waiting(d, tmp_path, "snap2")
+    os.kill(status(d.live_dir)["pid"], signal.SIGKILL)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 1, (out, err)
+    assert err.count("\n") == 1 and "daemon" in err and "released" not in err, err
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path):
+    result = subprocess.run(["bash", "-c", 'exec "$@" >&-', "-", *SNAPFS, "status",
+                             str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("snapfs: "), result.stderr
+
+
 def test_release_refuses_a_snapshot_in_use(tmp_path, disk):
     d = disk()
     d.mount()

@@ -37,8 +37,7 @@ def cmd_snapshot(args) -> int:
     taken = client.request(live.instance, "snapshot", request=request.to_dict())
     check_serving([taken["snapshot"]])
     if args.wait:
-        info = _snapshot_by_dir(live.instance, request.snapshot)
-        return _wait_for_copy(live.instance, info, args.snapshot, quiet=False)
+        return _wait_for_copy(live.instance, taken, args.snapshot, quiet=False)
     return 0
 
 
@@ -190,8 +189,9 @@ def cmd_wait(args) -> int:
 def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
     """Until the background copy of the snapshot `info` describes ends: 0 if
     it completed, else UserError saying how it ended. A progress line on a
-    terminal unless `quiet`."""
-    show = sys.stdout.isatty() and not quiet
+    terminal unless `quiet`. Interrupted (Ctrl-C), it says that the snapshot
+    stays."""
+    show = sys.stdout is not None and sys.stdout.isatty() and not quiet
     shown = 0.0
     pause = FIRST_POLL_SECONDS
     try:
@@ -202,11 +202,16 @@ def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
                 shown = time.monotonic()
             time.sleep(pause)
             pause = min(2 * pause, POLL_SECONDS)
-            try:
-                info = _snapshot_by_dir(instance, info["snapshot_dir"])
-            except UserError:
+            info = _same_snapshot(instance, info)  # the daemon's errors say what they are
+            if info is None:
                 raise UserError(f"{path}: released or unmounted before the background "
-                                "copy ended") from None
+                                "copy ended")
+    except KeyboardInterrupt:
+        if show and shown:
+            sys.stdout.write("\n")
+        print(f"snapfs: interrupted; the snapshot {path} stays and its copy goes on "
+              "(snapfs wait, snapfs release)", file=sys.stderr)
+        raise
     finally:
         if show and shown:
             sys.stdout.write("\r\033[K" + progress(info) + "\n")
@@ -219,11 +224,14 @@ def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
                     + (f": {info['error']}" if info["error"] else ""))
 
 
-def _snapshot_by_dir(instance: str, directory: str) -> dict:
+def _same_snapshot(instance: str, info: dict) -> dict | None:
+    """The status of the snapshot `info` describes, now; None once it is gone.
+    Another snapshot taken since on the same directory is not it (its time
+    of creation differs)."""
     for snap in client.status(instance)["snapshots"]:
-        if snap["snapshot_dir"] == directory:
+        if snap["snapshot_dir"] == info["snapshot_dir"] and snap["created"] == info["created"]:
             return snap
-    raise UserError(f"{directory}: no longer a snapshot")
+    return None
 
 
 def cmd_cancel(args) -> int:

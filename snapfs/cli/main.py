@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # paths need not be UTF-8
-        stream.reconfigure(errors="surrogateescape")
+        if stream is not None:  # None: started with that descriptor closed
+            stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     from snapfs.cli import commands
 
