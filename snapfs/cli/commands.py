@@ -192,6 +192,23 @@ def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
     terminal unless `quiet`. Interrupted (Ctrl-C), it says that the snapshot
     stays."""
     show = sys.stdout is not None and sys.stdout.isatty() and not quiet
+    try:
+        info = _poll_until_ended(instance, info, path, show)
+    except KeyboardInterrupt:
+        print(f"snapfs: interrupted; the snapshot {path} stays and its copy goes on "
+              "(snapfs wait, snapfs release)", file=sys.stderr)
+        raise
+    if info["state"] == "completed":
+        return 0
+    if info.get("broken"):
+        raise UserError(f"the snapshot is broken: {info['broken']}")
+    raise UserError(f"the background copy {info['state']}"
+                    + (f": {info['error']}" if info["error"] else ""))
+
+
+def _poll_until_ended(instance: str, info: dict, path: str, show: bool) -> dict:
+    """The snapshot's status once its copy is no longer running; with `show`,
+    a progress line updated in place meanwhile (and ended, however this ends)."""
     shown = 0.0
     pause = FIRST_POLL_SECONDS
     try:
@@ -202,26 +219,16 @@ def _wait_for_copy(instance: str, info: dict, path: str, quiet: bool) -> int:
                 shown = time.monotonic()
             time.sleep(pause)
             pause = min(2 * pause, POLL_SECONDS)
-            info = _same_snapshot(instance, info)  # the daemon's errors say what they are
-            if info is None:
+            now = _same_snapshot(instance, info)  # the daemon's errors say what they are
+            if now is None:
                 raise UserError(f"{path}: released or unmounted before the background "
                                 "copy ended")
-    except KeyboardInterrupt:
-        if show and shown:
-            sys.stdout.write("\n")
-        print(f"snapfs: interrupted; the snapshot {path} stays and its copy goes on "
-              "(snapfs wait, snapfs release)", file=sys.stderr)
-        raise
+            info = now
     finally:
         if show and shown:
             sys.stdout.write("\r\033[K" + progress(info) + "\n")
             sys.stdout.flush()
-    if info["state"] == "completed":
-        return 0
-    if info.get("broken"):
-        raise UserError(f"the snapshot is broken: {info['broken']}")
-    raise UserError(f"the background copy {info['state']}"
-                    + (f": {info['error']}" if info["error"] else ""))
+    return info
 
 
 def _same_snapshot(instance: str, info: dict) -> dict | None:
