@@ -85,3 +85,34 @@ def test_one_layer_without_backing_file_name_reads_zeroes(tmp_path):
         assert img.read(0, MiB) == bytes(MiB)
     finally:
         img.close()
+
+
+def test_a_raw_backing_file_is_the_file_that_was_checked(tmp_path, monkeypatch):
+    """The raw backing file is read through the descriptor opened and checked
+    while the chain is opened: a file renamed over its name right after that
+    check (a race, played here from inside the check) is not what the image
+    reads."""
+    (tmp_path / "base.raw").write_bytes(b"\x11" * MiB)
+    (tmp_path / "other.raw").write_bytes(b"\x99" * MiB)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+        tmp_path / "top.qcow2", MiB)
+    from snapfs.image.qcow2 import image as qcow2_image
+
+    real_fstat = os.fstat
+    swapped = []
+
+    def fstat_then_swap(fd):
+        st = real_fstat(fd)
+        if not swapped and os.path.samestat(st, os.stat(tmp_path / "base.raw")):
+            os.replace(tmp_path / "other.raw", tmp_path / "base.raw")
+            swapped.append(True)
+        return st
+
+    monkeypatch.setattr(qcow2_image.os, "fstat", fstat_then_swap)
+    image = open_image(str(tmp_path / "top.qcow2"), "qcow2")
+    monkeypatch.undo()
+    try:
+        assert swapped, "the race was not played"
+        assert image.read(0, 64 * KiB) == b"\x11" * (64 * KiB)
+    finally:
+        image.close()

@@ -95,6 +95,14 @@ class RawImage(Image):
         return cls(path, fd, size, cls._open_direct(path, False))
 
     @classmethod
+    def from_fd(cls, path: str, fd: int) -> "RawImage":
+        """The raw image open read-only on `fd` (taken over: closed with the
+        image), named `path` in messages; the file is never opened by name
+        again, so a file renamed over `path` meanwhile changes nothing."""
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return cls(path, fd, size, cls._open_direct(f"/proc/self/fd/{fd}", False))
+
+    @classmethod
     def create(cls, path: str, size: int, overwrite: bool = False) -> "RawImage":
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         flags |= os.O_TRUNC if overwrite else os.O_EXCL

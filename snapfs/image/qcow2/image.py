@@ -169,9 +169,8 @@ class Qcow2Image(Image):
                 raise self._refuse(f"backing chain loop: {shown} is already in the chain")
             if fmt == "raw":
                 seen.add((st.st_dev, st.st_ino))
-                os.close(fd)
+                self.backing = RawImage.from_fd(path, fd)  # the file checked above
                 fd = -1
-                self.backing = RawImage.open(path, writable=False)
             else:
                 try:
                     self.backing = Qcow2Image._from_fd(path, fd, False, depth + 1, seen)
