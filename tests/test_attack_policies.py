@@ -180,52 +180,48 @@ def test_cached_pages_are_not_served_right_after_the_break(tmp_path, disk):
 
 # --- one hung target must not drag down the other snapshots ----------------
 
-def test_a_hung_target_does_not_break_another_snapshot(rig, disk, tmp_path):
-    faulty = rig
-    d = disk(size=4 * MiB, seed=5)
+def a_hung_beside_b(faulty, disk, seed: int, a_options: list[str], b_options: list[str]):
+    """A live disk with snapshot A (target on the faulty file system, its
+    writes hung from now on) and snapshot B (a healthy target), both sync
+    none: (the disk, A, B, SOURCE before any write)."""
+    d = disk(size=4 * MiB, seed=seed)
     d.mount()
     before = d.source.read_bytes()
-    a = d.snapshot("a", "--sync", "none", "--on-cbw-error", "break-snapshot",
-                   "--cbw-timeout", "1", target=faulty.path / "a.img")
-    b = d.snapshot("b", "--sync", "none", "--on-cbw-error", "break-snapshot",
-                   "--cbw-timeout", "1")
+    a = d.snapshot("a", "--sync", "none", *a_options, target=faulty.path / "a.img")
+    b = d.snapshot("b", "--sync", "none", *b_options)
     faulty.hang("write", name="a.img")
+    return d, a, b, before
+
+
+BREAK_AFTER_1S = ["--on-cbw-error", "break-snapshot", "--cbw-timeout", "1"]
+
+
+def test_a_hung_target_does_not_break_another_snapshot(rig, disk):
+    d, a, b, before = a_hung_beside_b(rig, disk, 5, BREAK_AFTER_1S, BREAK_AFTER_1S)
     assert pwrite_errno(d.live, b"x" * 4096, MiB) is None
     broken_a, broken_b = status(a)["broken"], status(b)["broken"]
-    faulty.clear()
+    rig.clear()
     assert broken_a, "A's target hung past its timeout: A must break"
     assert not broken_b, f"B broke although its target is healthy: {broken_b}"
     assert (b / "disk.img").read_bytes() == before
 
 
 def test_a_hung_target_does_not_fail_writes_for_another_snapshot(rig, disk):
-    faulty = rig
-    d = disk(size=4 * MiB, seed=6)
-    d.mount()
-    a = d.snapshot("a", "--sync", "none", "--cbw-timeout", "1", target=faulty.path / "a.img")
-    b = d.snapshot("b", "--sync", "none", "--cbw-timeout", "1")
-    faulty.hang("write", name="a.img")
+    d, a, b, _ = a_hung_beside_b(rig, disk, 6, ["--cbw-timeout", "1"], ["--cbw-timeout", "1"])
     result = pwrite_errno(d.live, b"x" * 4096, MiB)
     info_a, info_b = status(a), status(b)
-    faulty.clear()
+    rig.clear()
     assert result == errno.EIO  # A's copy timed out: the write fails (A's policy)
     assert info_a["failed_writes"] >= 1
     assert info_b["failed_writes"] == 0, f"B counted a failure: {info_b['last_error']}"
 
 
 def test_timeout_holds_next_to_a_snapshot_without_timeout(rig, disk):
-    faulty = rig
-    d = disk(size=4 * MiB, seed=7)
-    d.mount()
-    before = d.source.read_bytes()
-    a = d.snapshot("a", "--sync", "none", "--on-cbw-error", "break-snapshot",
-                   "--cbw-timeout", "1", target=faulty.path / "a.img")
-    b = d.snapshot("b", "--sync", "none")
-    faulty.hang("write", name="a.img")
+    d, a, b, before = a_hung_beside_b(rig, disk, 7, BREAK_AFTER_1S, [])
     write = Background(pwrite_errno, d.live, b"y" * 4096, MiB)
     outcome = write.result(3.5)
     broken_a = status(a)["broken"]
-    faulty.clear()
+    rig.clear()
     write.result(30)
     assert (b / "disk.img").read_bytes() == before
     assert outcome == ("done", None), f"after 3.5 s with a 1 s timeout the write is {outcome}"
